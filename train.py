@@ -26,7 +26,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 import sgm
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot")
@@ -203,7 +203,7 @@ def main(preset, device, sde_name, steps, epochs, batch_size, lr, warmup, grad_c
     ema = sgm.EMA(model, settings["ema_decay"])
     optimizer = torch.optim.Adam(model.parameters(), lr=settings["lr"])
     if resume:
-        ema.load_state_dict(ckpt["ema"])
+        ema.load_state_dict(ckpt["ema"].state_dict())
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt["rng"] is not None and is_main:
             torch.set_rng_state(ckpt["rng"]["cpu"].cpu())

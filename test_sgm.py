@@ -1,0 +1,421 @@
+"""Tests for sgm.py, train.py and sample.py: closed-form math for Gaussian data, and the CLIs end to end.
+
+    python -m pytest -q
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import sgm
+
+SDES = [sgm.VESDE(), sgm.VPSDE(), sgm.SubVPSDE()]
+IDS = ["ve", "vp", "subvp"]
+MU = torch.tensor([1.0, -0.5, 0.3, 2.0])
+S = 0.5
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def marginal_var(sde, t, s2):
+    """Variance of p_t for data with variance s2 (scalar or matrix diagonal)."""
+    return sde.mean_scale(t) ** 2 * s2 + sde.std(t) ** 2
+
+
+def gaussian_score(sde, mu=MU, s=S):
+    """Exact score of p_t when the data is N(mu, s^2 I): -(x - a mu) / (a^2 s^2 + std^2)."""
+    def score(x, t):
+        a = sgm.append_dims(sde.mean_scale(t), x.ndim)
+        return -(x - a * mu) / sgm.append_dims(marginal_var(sde, t, s ** 2), x.ndim)
+    return score
+
+
+torch.manual_seed(0)
+_L = torch.randn(4, 4)
+COV = 0.1 * _L @ _L.T + 0.05 * torch.eye(4)  # a correlated covariance
+
+
+def correlated_score(sde, mu, cov):
+    """Exact score of p_t for data N(mu, cov): -(a^2 cov + std^2 I)^-1 (x - a mu), x of shape (B, D)."""
+    def score(x, t):
+        a, std = sde.mean_scale(t), sde.std(t)  # (B,)
+        cov_t = a[:, None, None] ** 2 * cov + std[:, None, None] ** 2 * torch.eye(len(mu))  # (B, D, D)
+        return -torch.linalg.solve(cov_t, x - a[:, None] * mu)
+    return score
+
+
+def gaussian_logp(sde, x, t, mu=MU, s=S):
+    t = torch.full((x.shape[0],), t)
+    std = marginal_var(sde, t, s ** 2).sqrt()[:, None]
+    return torch.distributions.Normal(sde.mean_scale(t)[:, None] * mu, std).log_prob(x).sum(1)
+
+
+def tiny_config(**kw):
+    return sgm.ModelConfig(**{**dict(channels=8, channel_mult=(1, 2), num_res_blocks=1, dropout=0.0), **kw})
+
+
+def randomize(net):
+    """Give the zero-initialised output layers random weights so every path through the net is live."""
+    torch.manual_seed(0)
+    for p in net.parameters():
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, 0, 0.2)
+    return net
+
+
+# ---------------------------------------------------------------- SDEs
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_marginal_prob_matches_simulated_forward_sde(sde):
+    torch.manual_seed(0)
+    x0 = torch.tensor([1.0, -0.5])
+    n, steps = 20000, 1000
+    x = x0.expand(n, 2).clone()
+    checkpoints = {100: None, 500: None, 1000: None}
+    dt = sde.T / steps
+    for i in range(steps):
+        t = torch.full((n,), i * dt)
+        drift, diffusion = sde.sde(x, t)
+        x = x + drift * dt + diffusion[:, None] * math.sqrt(dt) * torch.randn_like(x)
+        if i + 1 in checkpoints:
+            checkpoints[i + 1] = x.clone()
+    for k, xs in checkpoints.items():
+        t = torch.full((1,), k * dt)
+        mean, std = sde.marginal_prob(x0[None], t)
+        # VE: official convention std = sigma(t) treats sigma_min as applied at t = 0; the SDE from x0 gives
+        # sqrt(sigma(t)^2 - sigma_min^2), so compare with that exact value.
+        exact_std = (std ** 2 - (sde.sigma_min ** 2 if isinstance(sde, sgm.VESDE) else 0)).sqrt()
+        assert torch.allclose(xs.mean(0), mean[0], atol=0.03 * float(exact_std) + 0.01), (k, xs.mean(0), mean)
+        assert abs(xs.std(0).mean() / exact_std - 1) < 0.03, (k, xs.std(0), exact_std)
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_prior(sde):
+    z = sde.prior_sampling((4000, 3, 4, 4), generator=torch.Generator().manual_seed(0))
+    assert abs(z.std() / sde.prior_std - 1) < 0.02
+    expected = torch.distributions.Normal(0.0, sde.prior_std).log_prob(z).flatten(1).sum(1)
+    assert torch.allclose(sde.prior_logp(z), expected, rtol=1e-5)
+    # The marginal at T is close to the prior: mean scale near 0 (or 1 with std >> data for VE), std near prior_std.
+    T = torch.ones(1)
+    assert abs(float(sde.std(T)) / sde.prior_std - 1) < 0.01
+    assert float(sde.mean_scale(T)) < 0.01 or float(sde.std(T)) > 40
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_noise_level_inverse_and_subvp_variance(sde):
+    t = torch.linspace(1e-3, 1, 50, dtype=torch.float64)
+    assert torch.allclose(sde.time_at_noise_level(sde.noise_level(t)), t, atol=1e-6)
+    assert (sgm.SubVPSDE().std(t) <= sgm.VPSDE().std(t) + 1e-12).all()
+
+
+def test_reverse_drift_differs_by_one_half():
+    sde, x, t = sgm.VPSDE(), torch.randn(3, 2), torch.rand(3)
+    score = torch.randn(3, 2)
+    f, g = sde.sde(x, t)
+    drift, diffusion = sde.reverse_sde(x, t, score)
+    ode_drift, ode_diffusion = sde.reverse_sde(x, t, score, probability_flow=True)
+    assert torch.allclose(drift, f - g[:, None] ** 2 * score)
+    assert torch.allclose(ode_drift, f - 0.5 * g[:, None] ** 2 * score)
+    assert torch.equal(diffusion, g) and (ode_diffusion == 0).all()
+
+
+# ---------------------------------------------------------------- model and loss
+
+def test_unet_shapes_time_and_label_dependence():
+    net = randomize(sgm.UNet(tiny_config(num_classes=3, attention=True, image_channels=2, image_size=12)))
+    x, t = torch.randn(4, 2, 12, 12), torch.full((4,), 0.5)
+    for mode in (net.eval, net.train):
+        mode()
+        assert net(x, t).shape == x.shape
+    net.eval()
+    out = net(x, t, torch.zeros(4, dtype=torch.long))
+    assert not torch.allclose(out, net(x, t + 0.3, torch.zeros(4, dtype=torch.long)))
+    assert not torch.allclose(out, net(x, t, torch.ones(4, dtype=torch.long)))
+    assert torch.allclose(net(x, t), net(x, t, torch.full((4,), -1)))  # no label = the extra index
+    with pytest.raises(ValueError):
+        sgm.UNet(tiny_config(channel_mult=(1, 2, 2), image_size=10))
+
+
+class ExactNoise(torch.nn.Module):
+    """A 'network' whose noise prediction is the exact one for Gaussian data (times `scale`)."""
+
+    def __init__(self, sde, scale=1.0):
+        super().__init__()
+        self.sde, self.scale = sde, scale
+
+    def forward(self, x_in, t, labels=None):
+        c_in = (self.sde.mean_scale(t) ** 2 * sgm.SIGMA_DATA ** 2 + self.sde.std(t) ** 2).rsqrt()
+        x = x_in / c_in[:, None]
+        return -self.scale * self.sde.std(t)[:, None] * gaussian_score(self.sde)(x, t)
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_dsm_loss_is_minimised_by_the_exact_score(sde):
+    x = MU + S * torch.randn(100_000, 4, generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for scale in (1.0, 0.8, 1.2):
+        torch.manual_seed(1)
+        losses[scale] = float(sgm.dsm_loss(ExactNoise(sde, scale), sde, x))
+    assert losses[1.0] < min(losses[0.8], losses[1.2])
+    # Closed form: the irreducible DSM loss is E_t[a^2 s^2 / (a^2 s^2 + std^2)] per dimension.
+    t = torch.linspace(1e-5, 1, 100_001)
+    expected = float((sde.mean_scale(t) ** 2 * S ** 2 / marginal_var(sde, t, S ** 2)).mean())
+    assert abs(losses[1.0] - expected) < 0.01 + 0.03 * expected, (losses[1.0], expected)
+    torch.manual_seed(1)
+    weighted = float(sgm.dsm_loss(ExactNoise(sde), sde, x, likelihood_weighting=True))
+    assert math.isfinite(weighted) and weighted != losses[1.0]
+
+
+def test_small_unet_overfits_one_batch():
+    from train import load_fashion_mnist, to_model_range
+    images, _ = load_fashion_mnist(os.path.join(HERE, "data"))
+    x = to_model_range(images[:64], (-1, 1))
+    torch.manual_seed(0)
+    net, sde = sgm.UNet(tiny_config(channels=16, attention=False)), sgm.VPSDE()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(80):
+        loss = sgm.dsm_loss(net, sde, x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-10:]) < 0.35 * sum(losses[:10]), losses
+
+
+# ---------------------------------------------------------------- checkpoints and EMA
+
+def test_ema_moves_towards_the_weights():
+    net = torch.nn.Linear(2, 2)
+    ema = sgm.EMA(net, decay=0.9)
+    before = ema.shadow["weight"].clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update(net)
+    assert torch.allclose(ema.shadow["weight"], before + 0.1)
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    config = tiny_config(num_classes=10)
+    net = randomize(sgm.UNet(config)).eval()
+    ema, opt = sgm.EMA(net), torch.optim.Adam(net.parameters())
+    path = tmp_path / "ck.pt"
+    sde = sgm.VESDE(sigma_max=30.0)
+    sgm.save_checkpoint(path, config=config, sde=sde, model=net, ema=ema, optimizer=opt, data_range=(0.0, 1.0), step=7,
+                        rng={"cpu": torch.get_rng_state()})
+    ck = sgm.load_checkpoint(str(path))
+    x, t = torch.randn(2, 1, 28, 28), torch.rand(2)
+    assert torch.equal(ck["model"].eval()(x, t), net(x, t))
+    assert ck["sde"] == sde and ck["step"] == 7 and ck["data_range"] == (0.0, 1.0) and ck["config"] == config
+    assert not list(tmp_path.glob("*.tmp"))
+
+    data = path.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "random.pt").write_bytes(os.urandom(5000))
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    for name, words in [("trunc.pt", "not a readable"), ("random.pt", "not a readable"), ("foreign.pt", "not an sgm checkpoint"),
+                        ("missing.pt", "no such")]:
+        with pytest.raises(sgm.CheckpointError, match=words) as e:
+            sgm.load_checkpoint(str(tmp_path / name))
+        assert name in str(e.value)
+
+
+# ---------------------------------------------------------------- samplers against exact scores
+
+SDE_SOLVERS = [s for s in sgm.STOCHASTIC_SOLVERS]
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+@pytest.mark.parametrize("solver", SDE_SOLVERS)
+def test_stochastic_solvers_reproduce_gaussian_data(sde, solver):
+    if solver == "ancestral" and isinstance(sde, sgm.SubVPSDE):
+        with pytest.raises(ValueError, match="not defined"):
+            sgm.sample(gaussian_score(sde), sde, (8, 4), solver, 10)
+        return
+    x, nfe = sgm.sample(gaussian_score(sde), sde, (4000, 4), solver, 1000, generator=torch.Generator().manual_seed(0))
+    assert nfe == (2000 if solver == "pc" else 1000)
+    assert (x.mean(0) - MU).abs().max() < 0.04, x.mean(0)
+    # ald ends on the mean of a Langevin step, which removes a noise of variance ~4 snr^2 var: about 5% of the std.
+    low = 0.90 if solver == "ald" else 0.96
+    assert low < float(x.std(0).mean()) / S < 1.04, x.std(0)
+
+
+def linear_ode_map(sde, x_T, eps):
+    """For Gaussian data the probability-flow ODE is linear: x_eps = a mu + sqrt(v_eps / v_T) (x_T - a_T mu)."""
+    T, e = torch.ones(1), torch.full((1,), eps)
+    return sde.mean_scale(e) * MU + (marginal_var(sde, e, S ** 2) / marginal_var(sde, T, S ** 2)).sqrt() * (x_T - sde.mean_scale(T) * MU)
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_ode_solvers_follow_the_exact_flow(sde):
+    x_T = sde.prior_sampling((500, 4), generator=torch.Generator().manual_seed(0))
+    exact = linear_ode_map(sde, x_T, 1e-3)
+    x, nfe = sgm.sample(gaussian_score(sde), sde, x_T.shape, "ode", x_T=x_T.clone())
+    assert (x - exact).abs().max() < 1e-3 and 20 < nfe < 400
+    loose, nfe_loose = sgm.sample(gaussian_score(sde), sde, x_T.shape, "ode", x_T=x_T.clone(), rtol=1e-3, atol=1e-3)
+    assert nfe_loose < nfe and (loose - exact).abs().max() < 0.05
+    # Heun ends with a Tweedie step to sigma = 0: its exact target is E[x0 | x_eps], a negligible shrink of x_eps.
+    x, nfe = sgm.sample(gaussian_score(sde), sde, x_T.shape, "heun", 50, x_T=x_T.clone())
+    assert nfe == 99 and (x - exact).abs().max() < 0.04
+    x, nfe = sgm.sample(gaussian_score(sde), sde, x_T.shape, "heun", 18, x_T=x_T.clone())
+    assert nfe == 35 and (x - exact).abs().mean() < 0.05
+
+
+def test_unknown_solver_and_steps():
+    with pytest.raises(ValueError, match="unknown solver"):
+        sgm.sample(gaussian_score(SDES[0]), SDES[0], (2, 4), "rk4")
+    with pytest.raises(ValueError, match="steps"):
+        sgm.sample(gaussian_score(SDES[0]), SDES[0], (2, 4), "em", 0)
+
+
+def test_callback_reports_every_step():
+    seen = []
+    sde = sgm.VPSDE()
+    sgm.sample(gaussian_score(sde), sde, (16, 4), "pc", 20, callback=seen.append)
+    assert [d["i"] for d in seen] == list(range(20))
+    assert seen[0]["t"] == 1.0 and seen[-1]["denoised"].shape == (16, 4)
+    assert (seen[-1]["denoised"].mean(0) - MU).abs().max() < 0.5
+
+
+@pytest.mark.parametrize("solver", list(sgm.SOLVERS))
+def test_unet_score_runs_through_every_solver(solver):
+    sde = sgm.VPSDE()
+    net = randomize(sgm.UNet(tiny_config(image_size=8))).eval()
+    x, nfe = sgm.sample(sgm.score_model(net, sde), sde, (2, 1, 8, 8), solver, 5, rtol=1e-2, atol=1e-2,
+                        generator=torch.Generator().manual_seed(0))
+    assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all() and nfe > 0
+
+
+# ---------------------------------------------------------------- likelihood and latents
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_log_likelihood_exact_trace_matches_closed_form(sde):
+    mu = 0.2 * MU  # keep VE's prior N(0, sigma_max^2) close to p_T, whose mean is mu
+    x = mu + S * torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    logp, nfe = sgm.log_likelihood(gaussian_score(sde, mu), sde, x, exact_trace=True)
+    assert (logp - gaussian_logp(sde, x, 1e-5, mu)).abs().max() < 0.05 and nfe > 10
+    # Against the density the method itself defines (exact flow + prior), the integrator is exact.
+    x_T = sde.mean_scale(torch.ones(1)) * mu + (marginal_var(sde, torch.ones(1), S ** 2) / marginal_var(sde, torch.full((1,), 1e-5), S ** 2)).sqrt() * (x - sde.mean_scale(torch.full((1,), 1e-5)) * mu)
+    log_det = 2 * torch.log(marginal_var(sde, torch.ones(1), S ** 2) / marginal_var(sde, torch.full((1,), 1e-5), S ** 2))
+    assert (logp - (sde.prior_logp(x_T) + log_det)).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_hutchinson_likelihood_is_unbiased(sde):
+    # Correlated data: with a diagonal Jacobian the Rademacher estimate would be exact and prove nothing.
+    mu, cov = 0.2 * MU, COV
+    x = torch.distributions.MultivariateNormal(mu, cov).sample((400,))
+    exact, _ = sgm.log_likelihood(correlated_score(sde, mu, cov), sde, x, exact_trace=True)
+    estimate, _ = sgm.log_likelihood(correlated_score(sde, mu, cov), sde, x, generator=torch.Generator().manual_seed(1))
+    closed = torch.distributions.MultivariateNormal(mu, cov + sde.std(torch.full((1,), 1e-5)) ** 2 * torch.eye(4)).log_prob(x)
+    assert (exact - closed).abs().max() < 0.05
+    diff = estimate - exact
+    assert diff.std() > 1e-3  # it is an estimate
+    assert abs(float(diff.mean())) < 3 * float(diff.std()) / math.sqrt(len(diff)) + 1e-4
+
+
+def test_bits_per_dim_offset_follows_the_data_scaling():
+    """A model whose density on u = (y + U) / 256 is N(m, v): its bits/dim must not depend on the data range."""
+    sde = sgm.VPSDE()
+    images = torch.randint(60, 200, (64, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    m, s = 0.5, 0.2
+    results = []
+    for lo, hi in [(0.0, 1.0), (-1.0, 1.0)]:
+        c = hi - lo
+        mu, sd = torch.full((4,), lo + c * m), c * s
+        bpd, _ = sgm.bits_per_dim(gaussian_score(sde, mu, sd), sde, images, (lo, hi), generator=torch.Generator().manual_seed(3), exact_trace=True)
+        results.append(bpd)
+    u = (images.float() + torch.rand(images.shape, generator=torch.Generator().manual_seed(3))) / 256
+    direct = -torch.distributions.Normal(m, s).log_prob(u).sum(1) / (4 * math.log(2)) + 8
+    for bpd in results:
+        assert (bpd - direct).abs().max() < 0.02, (bpd, direct)
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_encode_decode_round_trip(sde):
+    x = MU + S * torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
+    z, _ = sgm.encode(gaussian_score(sde), sde, x)
+    assert (z.std() / sde.prior_std - 1).abs() < 0.3  # the latent looks like the prior
+    back, _ = sgm.decode(gaussian_score(sde), sde, z)
+    assert (back - x).abs().max() < 1e-3
+
+
+# ---------------------------------------------------------------- train.py
+
+def run_cli(*args, timeout=300, env=None):
+    return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+TRAIN_TINY = ["--preset", "quick", "--channels", "8", "--batch-size", "16", "--limit-data", "256", "--device", "cpu"]
+
+
+def read_log(folder):
+    return [json.loads(line) for line in open(os.path.join(folder, "log.jsonl"))]
+
+
+def test_train_cli_writes_checkpoint_grid_and_log(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("train.py", *TRAIN_TINY, "--steps", "24", "--log-every", "8", "--sample-every", "24", "--ckpt-every", "8",
+                "--out", str(out), "--conditional")
+    assert r.returncode == 0, r.stderr
+    assert "img/s" in r.stderr and "done" in r.stderr
+    ck = sgm.load_checkpoint(str(out / "ckpt.pt"))
+    assert ck["step"] == 24 and ck["config"].num_classes == 10 and ck["extra"]["train"]["sde"] == "vp"
+    assert (out / "samples_0000024.png").exists()
+    log = read_log(out)
+    assert [row["step"] for row in log] == [8, 16, 24] and all(math.isfinite(row["loss"]) for row in log)
+
+
+def test_train_resume_is_exact(tmp_path):
+    common = [*TRAIN_TINY, "--log-every", "1", "--sample-every", "1000", "--ckpt-every", "1000", "--sde", "ve"]
+    assert run_cli("train.py", *common, "--steps", "8", "--out", str(tmp_path / "a")).returncode == 0
+    assert run_cli("train.py", *common, "--steps", "4", "--out", str(tmp_path / "b")).returncode == 0
+    r = run_cli("train.py", *common, "--steps", "8", "--out", str(tmp_path / "b"), "--resume")
+    assert r.returncode == 0, r.stderr
+    full, resumed = read_log(tmp_path / "a"), read_log(tmp_path / "b")
+    assert [row["step"] for row in resumed] == list(range(1, 9))
+    for a, b in zip(full, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+
+
+def test_train_stops_on_nan_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    import train
+    out = tmp_path / "run"
+    args = [*TRAIN_TINY, "--steps", "4", "--log-every", "2", "--ckpt-every", "2", "--sample-every", "1000", "--out", str(out)]
+    assert CliRunner().invoke(train.main, args).exit_code == 0
+    good = (out / "ckpt.pt").read_bytes()
+    real_loss = sgm.dsm_loss
+    monkeypatch.setattr(sgm, "dsm_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
+    result = CliRunner().invoke(train.main, [*args[:-2], "--steps", "8", "--out", str(out), "--resume"])
+    assert result.exit_code == 1 and "loss became nan" in result.output and "kept" in result.output
+    assert (out / "ckpt.pt").read_bytes() == good
+
+
+def test_train_missing_data_message(tmp_path, monkeypatch):
+    import torchvision
+    import train
+    monkeypatch.setattr(train, "DEBIAN_DIR", str(tmp_path / "nowhere"))
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "download", lambda self: (_ for _ in ()).throw(RuntimeError("offline")))
+    result = CliRunner().invoke(train.main, ["--data", str(tmp_path / "empty"), "--steps", "1"])
+    assert result.exit_code == 1 and "apt-get install -y dataset-fashion-mnist" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_train_bad_option_is_a_click_error():
+    r = run_cli("train.py", "--sde", "banana")
+    assert r.returncode == 2 and "Invalid value" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                        "train.py", *TRAIN_TINY, "--steps", "4", "--log-every", "2", "--sample-every", "1000", "--out", str(out)],
+                       cwd=HERE, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "x2" in r.stderr and sgm.load_checkpoint(str(out / "ckpt.pt"))["step"] == 4
+    assert len(read_log(out)) == 2  # only rank 0 writes
