@@ -727,7 +727,8 @@ def replace_known(sde, known, mask, generator=None):
 
 def inpaint(score_fn, sde, known, mask, solver="pc", steps=1000, **kwargs):
     """Fill in the pixels where mask == 0 given `known` (B, ...) where mask == 1. Returns (x, nfe)."""
-    return sample(score_fn, sde, known.shape, solver, steps, known=known, mask=mask, device=known.device, **kwargs)
+    kwargs.setdefault("device", known.device)
+    return sample(score_fn, sde, known.shape, solver, steps, known=known, mask=mask, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -419,3 +419,156 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "x2" in r.stderr and sgm.load_checkpoint(str(out / "ckpt.pt"))["step"] == 4
     assert len(read_log(out)) == 2  # only rank 0 writes
+
+
+# ---------------------------------------------------------------- sample.py
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny, untrained conditional checkpoint (1x28x28) and one for 1x8x8 images."""
+    folder = tmp_path_factory.mktemp("ck")
+    for name, size in (("tiny.pt", 28), ("small_images.pt", 8)):
+        config = tiny_config(num_classes=10, image_size=size)
+        net = randomize(sgm.UNet(config))
+        sgm.save_checkpoint(folder / name, config=config, sde=sgm.VPSDE(), model=net, ema=sgm.EMA(net))
+    return folder
+
+
+def run_sample(*args):
+    import sample
+    return CliRunner().invoke(sample.main, ["--device", "cpu", *map(str, args)])
+
+
+@pytest.mark.parametrize("solver", list(sgm.SOLVERS))
+def test_sample_cli_every_solver_writes_a_grid(tiny_ckpt, tmp_path, solver):
+    from PIL import Image
+    out = tmp_path / f"{solver}.png"
+    r = run_sample("--ckpt", tiny_ckpt / "tiny.pt", "--solver", solver, "--n", 10, "--steps", 3, "--rtol", 1e-2, "--atol", 1e-2,
+                   "--batch-size", 6, "--out", out)
+    assert r.exit_code == 0, r.output
+    assert Image.open(out).size == (8 * 30 + 2, 2 * 30 + 2)  # 8 per row, 28 px + 2 px padding
+    assert f"{solver}: 10 images" in r.output and "NFE per sample" in r.output and "img/s" in r.output
+
+
+def test_sample_cli_npz_gif_and_reproducibility(tiny_ckpt, tmp_path):
+    import numpy as np
+    from PIL import Image
+    for name in ("a.npz", "b.npz"):
+        assert run_sample("--ckpt", tiny_ckpt / "tiny.pt", "--solver", "em", "--steps", 4, "--n", 5, "--seed", 3,
+                          "--label", "sneaker", "--out", tmp_path / name).exit_code == 0
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    assert a["images"].shape == (5, 28, 28) and a["images"].dtype == np.uint8
+    assert a["images"].max() <= 255 and (a["labels"] == 7).all()
+    assert np.array_equal(a["images"], b["images"])
+    r = run_sample("--ckpt", tiny_ckpt / "tiny.pt", "--solver", "pc", "--steps", 6, "--n", 4, "--out", tmp_path / "t.gif")
+    assert r.exit_code == 0, r.output
+    assert Image.open(tmp_path / "t.gif").n_frames > 5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--solver", "rk4"], "Invalid value for '--solver'"),
+    (["--n", "0"], "Invalid value for '--n'"),
+    (["--ckpt", "missing.pt"], "no such checkpoint"),
+    (["--ckpt", "CORRUPT"], "not a readable checkpoint"),
+    (["--ckpt", "SMALL", "--inpaint", "left"], "for 1x8x8 images"),
+    (["--out", "/proc/nope/x.png"], "cannot write there"),
+    (["--out", "x.jpg"], "suffix must be"),
+    (["--label", "banana"], "unknown --label"),
+    (["--inpaint", "diagonal"], "Invalid value for '--inpaint'"),
+    (["--inpaint", "left", "--solver", "ode"], "needs a stochastic solver"),
+])
+def test_sample_cli_bad_input(tiny_ckpt, tmp_path, args, message):
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint at all")
+    args = [str(tmp_path / "corrupt.pt") if a == "CORRUPT" else str(tiny_ckpt / "small_images.pt") if a == "SMALL" else a for a in args]
+    if "--ckpt" not in args:
+        args += ["--ckpt", str(tiny_ckpt / "tiny.pt")]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "o.png")]
+    r = run_sample(*args)
+    assert r.exit_code in (1, 2) and message in r.output, r.output
+    assert "Traceback" not in r.output and not isinstance(r.exception, Exception) or isinstance(r.exception, SystemExit)
+
+
+def test_sample_cli_inpaint_interpolate_and_label_all(tiny_ckpt, tmp_path):
+    from PIL import Image
+    r = run_sample("--ckpt", tiny_ckpt / "tiny.pt", "--solver", "pc", "--steps", 3, "--inpaint", "center", "--from-test", 5,
+                   "--n", 4, "--out", tmp_path / "inpaint.png")
+    assert r.exit_code == 0, r.output
+    assert Image.open(tmp_path / "inpaint.png").size == (4 * 30 + 2, 3 * 30 + 2)  # original, masked, completion rows
+    r = run_sample("--ckpt", tiny_ckpt / "tiny.pt", "--interpolate", 0, 1, "--n", 4, "--rtol", 1e-2, "--atol", 1e-2,
+                   "--out", tmp_path / "interp.png")
+    assert r.exit_code == 0, r.output
+    assert Image.open(tmp_path / "interp.png").size == (6 * 30 + 2, 32)  # A, 4 steps, B
+    r = run_sample("--ckpt", tiny_ckpt / "tiny.pt", "--solver", "heun", "--steps", 2, "--label", "all", "--n", 20,
+                   "--guidance", 2, "--out", tmp_path / "all.png")
+    assert r.exit_code == 0, r.output
+    assert Image.open(tmp_path / "all.png").size == (2 * 30 + 2, 10 * 30 + 2)  # one row per class
+
+
+# ---------------------------------------------------------------- controllable generation
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+@pytest.mark.parametrize("solver", ["pc", "em"])
+def test_inpainting_independent_gaussian(sde, solver):
+    known = (MU + S * torch.randn(2000, 4, generator=torch.Generator().manual_seed(0)))
+    mask = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    x, _ = sgm.inpaint(gaussian_score(sde), sde, known, mask, solver, 500, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(x[:, mask == 1], known[:, mask == 1])
+    free = x[:, mask == 0]
+    assert (free.mean(0) - MU[mask == 0]).abs().max() < 0.05 and abs(float(free.std(0).mean()) / S - 1) < 0.05
+
+
+def test_inpainting_correlated_gaussian_beats_ignoring_the_known_pixels():
+    """Replacement (appendix I.2) approximates the exact conditional mean mu_U + C_UK C_KK^-1 (y_K - mu_K)."""
+    sde, mu = sgm.VPSDE(), torch.zeros(4)
+    cov = torch.full((4, 4), 0.8) + 0.2 * torch.eye(4)  # strongly correlated coordinates
+    reps = 40  # samples per known vector, so their average estimates the sampler's conditional mean
+    known = torch.distributions.MultivariateNormal(mu, cov).sample((50,)).repeat_interleave(reps, 0)
+    mask = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    K, U = mask == 1, mask == 0
+    x, _ = sgm.inpaint(correlated_score(sde, mu, cov), sde, known, mask, "pc", 500, generator=torch.Generator().manual_seed(1))
+    exact = (mu[U] + (cov[U][:, K] @ torch.linalg.solve(cov[K][:, K], (known[:, K] - mu[K]).T)).T)[::reps]  # (50, 2)
+    sampler_mean = x[:, U].reshape(50, reps, 2).mean(1)
+    error = (sampler_mean - exact).pow(2).mean().sqrt()
+    ignore = (mu[U] - exact).pow(2).mean().sqrt()
+    conditional_std = torch.diag(cov[U][:, U] - cov[U][:, K] @ torch.linalg.solve(cov[K][:, K], cov[K][:, U])).sqrt().mean()
+    # Shrinkage of the replacement method: slope of sampler mean on exact conditional mean (1 would be exact).
+    slope = float((sampler_mean * exact).sum() / (exact * exact).sum())
+    print(f"\ninpainting: rms error of the conditional mean {error:.3f} (sampling noise alone ~{conditional_std / reps ** 0.5:.3f}), "
+          f"ignoring the known pixels {ignore:.3f}, slope {slope:.2f}")
+    assert error < 0.3 * ignore
+
+
+def two_class_scores(sde, means, s=0.3):
+    """Exact class-conditional scores and the exact mixture (unconditional) score of two Gaussian classes."""
+    def model(x, t, labels):
+        a = sde.mean_scale(t)[:, None]
+        var = marginal_var(sde, t, s ** 2)[:, None]
+        per_class = torch.stack([-(x - a * m) / var for m in means])  # (2, B, D)
+        log_w = torch.stack([-(x - a * m).pow(2).sum(1) / (2 * var[:, 0]) for m in means])  # (2, B)
+        mixture = (torch.softmax(log_w, 0)[..., None] * per_class).sum(0)
+        cond = per_class[labels.clamp(min=0), torch.arange(len(x))]
+        return torch.where((labels < 0)[:, None], mixture, cond)
+    return model
+
+
+def test_guidance_on_two_gaussian_classes():
+    sde = sgm.VPSDE()
+    means = [torch.tensor([-1.0, 0.0]), torch.tensor([1.0, 0.0])]
+    model = two_class_scores(sde, means)
+    labels = torch.zeros(2000, dtype=torch.long)
+    x0, _ = sgm.sample(sgm.guided_score(model, labels, 0.0), sde, (2000, 2), "em", 500, generator=torch.Generator().manual_seed(0))
+    assert (x0.mean(0) - means[0]).abs().max() < 0.03 and abs(float(x0.std(0).mean()) / 0.3 - 1) < 0.05
+    x3, _ = sgm.sample(sgm.guided_score(model, labels, 3.0), sde, (2000, 2), "em", 500, generator=torch.Generator().manual_seed(0))
+    assert float(x3[:, 0].mean()) < float(x0[:, 0].mean()) - 0.02  # pushed away from class 1 at x = +1
+    both = torch.tensor([0, 1] * 1000)
+    xb, _ = sgm.sample(sgm.guided_score(model, both, 0.0), sde, (2000, 2), "ode", generator=torch.Generator().manual_seed(0))
+    assert float(xb[both == 1, 0].mean()) == pytest.approx(1.0, abs=0.05)
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_interpolation_end_points_reconstruct_the_inputs(sde):
+    x = MU + S * torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    path = sgm.interpolate(gaussian_score(sde), sde, x[:1], x[1:], n=5)
+    assert path.shape == (5, 4)
+    assert (path[0] - x[0]).abs().max() < 1e-3 and (path[-1] - x[1]).abs().max() < 1e-3
