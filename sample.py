@@ -113,15 +113,15 @@ def write_atomic(path, write):
         raise
 
 
-def grid_image(x, data_range, nrow):
-    """float (B, C, H, W) in data_range -> PIL image of a grid."""
+def grid_image(images, nrow):
+    """uint8 (B, C, H, W) -> PIL image of a grid."""
     from torchvision.transforms.functional import to_pil_image
     from torchvision.utils import make_grid
-    return to_pil_image(make_grid(to_uint8(x, data_range).cpu(), nrow=nrow, padding=2, pad_value=255))
+    return to_pil_image(make_grid(images.cpu(), nrow=nrow, padding=2, pad_value=255))
 
 
 def save_png(x, data_range, path, nrow):
-    write_atomic(path, lambda tmp: grid_image(x, data_range, nrow).save(tmp))
+    write_atomic(path, lambda tmp: grid_image(to_uint8(x, data_range), nrow).save(tmp))
 
 
 def save_npz(x, data_range, path, labels=None):
@@ -132,12 +132,12 @@ def save_npz(x, data_range, path, labels=None):
     write_atomic(path, lambda tmp: np.savez_compressed(tmp, **arrays))
 
 
-def save_gif(frames, data_range, path, nrow):
-    """frames: list of (state, denoised) pairs of (B, C, H, W): state and noise-free estimate side by side."""
+def save_gif(frames, path, nrow):
+    """frames: list of (state, denoised) uint8 pairs (B, C, H, W), shown side by side."""
     from PIL import Image
     images = []
     for state, denoised in frames:
-        left, right = grid_image(state, data_range, nrow), grid_image(denoised, data_range, nrow)
+        left, right = grid_image(state, nrow), grid_image(denoised, nrow)
         frame = Image.new("L", (left.width * 2 + 8, left.height), 255)
         frame.paste(left.convert("L"), (0, 0))
         frame.paste(right.convert("L"), (left.width + 8, 0))
@@ -215,10 +215,10 @@ def main(ckpt, solver, n, steps, snr, corrector_steps, rtol, atol, eps, seed, de
         if mode == "interpolate":
             task = progress.add_task("", total=None, status="encoding and decoding through the ODE")
             a, b = (to_model_range(test_images[i:i + 1], data_range).to(device) for i in interpolate)
-            x = sgm.interpolate(lambda x, t: score(x, t), sde, a, b, n, eps=eps, rtol=rtol, atol=atol)
+            x, nfe = sgm.interpolate(lambda x, t: score(x, t), sde, a, b, n, eps=eps, rtol=rtol, atol=atol)
             x = torch.cat([a, x, b])
             nrow = len(x)
-            nfes.append(0)
+            nfes.append(nfe)
         else:
             chunks = [(i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
             task = progress.add_task("", total=len(chunks), status="")
@@ -226,8 +226,8 @@ def main(ckpt, solver, n, steps, snr, corrector_steps, rtol, atol, eps, seed, de
             for c, (lo, hi) in enumerate(chunks):
                 def callback(info, c=c):
                     progress.update(task, completed=c + (sde.T - info["t"]) / (sde.T - eps), status=f"t = {info['t']:.4f}")
-                    if suffix == ".gif" and c == 0:
-                        frames.append((info["x"][:64].clone(), info["denoised"][:64].clone()))
+                    if suffix == ".gif" and c == 0 and info["i"] % max(1, steps // 50) == 0:  # at most ~50 frames
+                        frames.append((to_uint8(info["x"][:64], data_range).cpu(), to_uint8(info["denoised"][:64], data_range).cpu()))
                 chunk_labels = labels[lo:hi] if labels is not None else None
                 kwargs = dict(eps=eps, snr=snr, corrector_steps=corrector_steps, rtol=rtol, atol=atol,
                               generator=generator, device=device, callback=callback)
@@ -253,11 +253,10 @@ def main(ckpt, solver, n, steps, snr, corrector_steps, rtol, atol, eps, seed, de
     elif suffix == ".npz":
         save_npz(x, data_range, out, labels)
     else:
-        step = max(1, len(frames) // 40)
-        save_gif(frames[::step] + [(x[:64], x[:64])], data_range, out, min(8, len(frames[0][0])))
+        final = to_uint8(x[:64], data_range).cpu()
+        save_gif(frames[::max(1, len(frames) // 50)] + [(final, final)], out, min(8, len(final)))
     nfe = sum(nfes) / len(nfes)
-    count = n if mode != "interpolate" else n
-    console.print(f"[bold]{solver}[/]: {count} images, {nfe:.0f} NFE per sample, {wall:.1f} s, {count / wall:.2f} img/s on {device} "
+    console.print(f"[bold]{solver}[/]: {n} images, {nfe:.0f} NFE per sample, {wall:.1f} s, {n / wall:.2f} img/s on {device} "
                   f"-> {out}" + (f" ({mode}, from {os.path.basename(path)})" if mode != "sample" else f" (from {path})"))
 
 

@@ -241,7 +241,7 @@ class GaussianFourierFeatures(nn.Module):
 
     def __init__(self, dim, scale):
         super().__init__()
-        self.register_buffer("freqs", torch.randn(dim // 2) * scale)
+        self.register_buffer("freqs", torch.randn(dim // 2) * scale)  # fixed, not trained
 
     def forward(self, t):  # (B,) -> (B, dim)
         angles = 2 * math.pi * t[:, None] * self.freqs[None]
@@ -291,8 +291,8 @@ class UNet(nn.Module):
         ch, emb_dim, levels = config.channels, 4 * config.channels, len(config.channel_mult)
         if config.image_size % 2 ** (levels - 1):
             raise ValueError(f"image_size {config.image_size} is not divisible by {2 ** (levels - 1)}")
-        self.time_embed = nn.Sequential(GaussianFourierFeatures(ch, config.fourier_scale),
-                                        nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_embed = nn.Sequential(GaussianFourierFeatures(256, config.fourier_scale),  # 128 frequencies at any width
+                                        nn.Linear(256, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_embed = nn.Embedding(config.num_classes + 1, emb_dim) if config.num_classes else None
         self.conv_in = nn.Conv2d(config.image_channels, ch, 3, padding=1)
 
@@ -338,14 +338,16 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-SIGMA_DATA = 0.5  # rough std of the scaled data, for the network's input scaling
+SIGMA_DATA = 0.5  # rough std of the scaled data, for the preconditioning below
 
 
 def predict_noise(net, sde, x, t, labels=None):
-    """The network's noise estimate for x(t). Its input is scaled to about unit variance,
-    1 / sqrt(a^2 sigma_data^2 + std^2) (EDM's c_in), so VE's std of 50 does not swamp it."""
-    c_in = (sde.mean_scale(t) ** 2 * SIGMA_DATA ** 2 + sde.std(t) ** 2).rsqrt()
-    return net(x * append_dims(c_in, x.ndim), t, labels)
+    """The noise estimate for x(t) = a x(0) + std z. Two fixed, SDE-agnostic preconditionings (after EDM):
+    the input is scaled to about unit variance by c_in = 1 / sqrt(a^2 sigma_data^2 + std^2), and the network
+    predicts the residual of the best linear estimate E[z | x(t)] = std c_in^2 x(t) for data of std sigma_data.
+    At high noise (a -> 0) that estimate is nearly exact, so errors are not blown up by std / a."""
+    c_in = append_dims((sde.mean_scale(t) ** 2 * SIGMA_DATA ** 2 + sde.std(t) ** 2).rsqrt(), x.ndim)
+    return append_dims(sde.std(t), x.ndim) * c_in ** 2 * x + net(x * c_in, t, labels)
 
 
 def score_model(net, sde):
@@ -413,10 +415,10 @@ def sample_em(score_fn, sde, x, ts, generator=None, callback=None, project=None)
     for i in range(len(ts) - 1):
         t, dt = ts[i].expand(x.shape[0]), ts[i + 1] - ts[i]  # dt < 0
         score = score_fn(x, t)
+        report(callback, sde, i, t, x, score)
         drift, diffusion = sde.reverse_sde(x, t, score)
         x_mean = x + drift * dt
         x = keep(x_mean + append_dims(diffusion, x.ndim) * (-dt).sqrt() * randn_like(x, generator), project, ts[i + 1])
-        report(callback, sde, i, t, x, score)
     return x_mean
 
 
@@ -430,13 +432,13 @@ def reverse_diffusion_step(score_fn, sde, x, t, t_next, generator):
 
 
 @torch.no_grad()
-def langevin_step(score_fn, sde, x, t, t_next, snr, generator):
-    """Langevin corrector (Algorithms 4 and 5): step 2 alpha (r ||z|| / ||s||)^2, norms averaged over the batch."""
+def langevin_step(score_fn, x, t, alpha, snr, generator):
+    """Langevin corrector at time t (Algorithms 4 and 5): step 2 alpha (r ||z|| / ||s||)^2, norms averaged over the batch."""
     score = score_fn(x, t)
     z = randn_like(x, generator)
     grad_norm = score.flatten(1).norm(dim=1).mean()
     noise_norm = z.flatten(1).norm(dim=1).mean()
-    step = append_dims(2 * sde.langevin_alpha(t, t_next) * (snr * noise_norm / grad_norm) ** 2, x.ndim)
+    step = append_dims(2 * alpha * (snr * noise_norm / grad_norm) ** 2, x.ndim)
     x_mean = x + step * score
     return x_mean + (2 * step).sqrt() * z, x_mean, score
 
@@ -446,9 +448,10 @@ def sample_reverse_diffusion(score_fn, sde, x, ts, generator=None, callback=None
     """Reverse-diffusion predictor alone (appendix E)."""
     for i in range(len(ts) - 1):
         t, t_next = ts[i].expand(x.shape[0]), ts[i + 1].expand(x.shape[0])
+        x_now = x
         x, x_mean, score = reverse_diffusion_step(score_fn, sde, x, t, t_next, generator)
+        report(callback, sde, i, t, x_now, score)
         x = keep(x, project, ts[i + 1])
-        report(callback, sde, i, t, x, score)
     return x_mean
 
 
@@ -458,9 +461,9 @@ def sample_ancestral(score_fn, sde, x, ts, generator=None, callback=None, projec
     for i in range(len(ts) - 1):
         t, t_next = ts[i].expand(x.shape[0]), ts[i + 1].expand(x.shape[0])
         score = score_fn(x, t)
+        report(callback, sde, i, t, x, score)
         x_mean, std = sde.ancestral_step(x, t, t_next, score)
         x = keep(x_mean + append_dims(std, x.ndim) * randn_like(x, generator), project, ts[i + 1])
-        report(callback, sde, i, t, x, score)
     return x_mean
 
 
@@ -471,10 +474,11 @@ def sample_pc(score_fn, sde, x, ts, snr=0.16, corrector_steps=1, generator=None,
     for i in range(len(ts) - 1):
         t, t_next = ts[i].expand(x.shape[0]), ts[i + 1].expand(x.shape[0])
         for _ in range(corrector_steps):
-            x = keep(langevin_step(score_fn, sde, x, t, t_next, snr, generator)[0], project, ts[i])
+            x = keep(langevin_step(score_fn, x, t, sde.langevin_alpha(t, t_next), snr, generator)[0], project, ts[i])
+        x_now = x
         x, x_mean, score = reverse_diffusion_step(score_fn, sde, x, t, t_next, generator)
+        report(callback, sde, i, t, x_now, score)
         x = keep(x, project, ts[i + 1])
-        report(callback, sde, i, t, x, score)
     return x_mean
 
 
@@ -484,9 +488,10 @@ def sample_ald(score_fn, sde, x, ts, snr=0.16, corrector_steps=1, generator=None
     for i in range(len(ts) - 1):
         t_prev, t = ts[i].expand(x.shape[0]), ts[i + 1].expand(x.shape[0])
         for _ in range(corrector_steps):
-            x, x_mean, score = langevin_step(score_fn, sde, x, t_prev, t, snr, generator)
+            x_now = x
+            x, x_mean, score = langevin_step(score_fn, x, t, sde.langevin_alpha(t_prev, t), snr, generator)
             x = keep(x, project, ts[i + 1])
-        report(callback, sde, i, t, x, score)
+        report(callback, sde, i, t, x_now, score)
     return x_mean
 
 
@@ -605,6 +610,8 @@ def sample(score_fn, sde, shape, solver="pc", steps=1000, *, eps=1e-3, snr=0.16,
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     if steps < 1:
         raise ValueError("steps must be at least 1")
+    if solver == "ald" and corrector_steps < 1:
+        raise ValueError("ald needs corrector_steps >= 1")
     counted = CountedScore(score_fn)
     x = sde.prior_sampling(shape, generator, device) if x_T is None else x_T
     project = None
@@ -691,11 +698,13 @@ def slerp(z_a, z_b, weight):
 
 
 def interpolate(score_fn, sde, x_a, x_b, n=8, **kwargs):
-    """n images (n, ...) morphing x_a (1, ...) into x_b along spherical interpolation of their ODE latents."""
-    z, _ = encode(score_fn, sde, torch.cat([x_a, x_b]), **kwargs)
+    """n images (n, ...) morphing x_a (1, ...) into x_b along spherical interpolation of their ODE latents,
+    and the NFE per image."""
+    z, nfe_encode = encode(score_fn, sde, torch.cat([x_a, x_b]), **kwargs)
     weights = torch.linspace(0, 1, n, device=z.device)
     latents = torch.cat([slerp(z[:1], z[1:], float(w)) for w in weights])
-    return decode(score_fn, sde, latents, **kwargs)[0]
+    x, nfe_decode = decode(score_fn, sde, latents, **kwargs)
+    return x, nfe_encode + nfe_decode
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,480 @@
+"""
+Measure a score-based model: sample quality, test-set bits/dim, quality against cost, and speed.
+
+    python evaluate.py fd --ckpt runs/vp/ckpt.pt --solver heun --steps 18 --n 2000
+    python evaluate.py bpd --ckpt runs/vp/ckpt.pt --n 500
+    python evaluate.py sweep --ckpt runs/vp/ckpt.pt --n 500 --out sweep     # sweep.md and sweep.png
+    python evaluate.py speed
+    python evaluate.py train-classifier                                    # rebuilds checkpoints/classifier.pt
+
+FD is the Frechet distance between Gaussians fitted to the 256-d penultimate features of a small FashionMNIST
+classifier (checkpoints/classifier.pt, committed and hash-checked, so every machine scores on the same scale).
+Inception features suit 28x28 grayscale badly and cannot be downloaded here; the numbers are therefore not
+comparable to published FIDs, only to each other. Each FD comes with its floor: N training images against the
+test set, which is what a perfect model would score with the same N.
+"""
+import hashlib
+import math
+import os
+import platform
+import time
+
+import click
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+import sgm
+from sample import default_checkpoint, load_model
+from train import CLASSES, load_fashion_mnist, resolve_device, to_model_range, to_uint8
+
+console = Console(stderr=True, soft_wrap=True)
+HERE = os.path.dirname(os.path.abspath(__file__))
+CLASSIFIER = os.path.join(HERE, "checkpoints", "classifier.pt")
+CLASSIFIER_SHA256 = "e4a16879aac282cec5f7be1381fdc19615a1d04e7a8c641bbfd5e62c4e33bfc8"
+
+
+# ------------------------------------------------------------------------------------------------
+# The feature network
+
+class Classifier(nn.Module):
+    """A small CNN for 1x28x28 images; `features` gives the 256-d penultimate activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.MaxPool2d(2),  # 14x14
+            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+            nn.MaxPool2d(2),  # 7x7
+            nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 49, 256), nn.ReLU())
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(256, 10))
+
+    def features(self, images):  # uint8 (B, 1, 28, 28) -> (B, 256)
+        return self.body((images.float() / 255 - 0.286) / 0.353)
+
+    def forward(self, images):
+        return self.head(self.features(images))
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def load_classifier(path=CLASSIFIER, expected=None, device="cpu"):
+    expected = expected or CLASSIFIER_SHA256
+    if not os.path.isfile(path):
+        raise click.ClickException(f"{path}: classifier weights missing; rebuild with `python evaluate.py train-classifier`")
+    if sha256(path) != expected:
+        raise click.ClickException(f"{path}: sha256 {sha256(path)[:16]}... does not match the expected {expected[:16]}...; "
+                                   f"the file was modified. Restore it (git checkout {os.path.relpath(path, HERE)}) or rebuild it")
+    net = Classifier()
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return net.to(device).eval()
+
+
+@torch.no_grad()
+def features_and_classes(net, images, batch_size=1000):
+    device = next(net.parameters()).device
+    feats, classes = [], []
+    for i in range(0, len(images), batch_size):
+        f = net.features(images[i:i + batch_size].to(device))
+        feats.append(f.double().cpu())
+        classes.append(net.head(f).argmax(1).cpu())
+    return torch.cat(feats), torch.cat(classes)
+
+
+def frechet_distance(feats_a, feats_b):
+    """||mu_a - mu_b||^2 + Tr(C_a + C_b - 2 (C_a C_b)^1/2), with Tr (C_a C_b)^1/2 = sum sqrt(eig(C_a^1/2 C_b C_a^1/2))."""
+    mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)
+    cov_a, cov_b = torch.cov(feats_a.T), torch.cov(feats_b.T)
+    eigval, eigvec = torch.linalg.eigh(cov_a)
+    sqrt_a = eigvec @ torch.diag(eigval.clamp(min=0).sqrt()) @ eigvec.T
+    cross = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
+    return float((mu_a - mu_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * cross)
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads){gpu}, torch {torch.__version__}"
+
+
+def generate(ckpt, solver, steps, n, device, batch_size=500, seed=0, progress=None, **kwargs):
+    """n samples as uint8 (n, C, H, W), the mean NFE and the seconds spent."""
+    net, sde, data_range, config = load_model(ckpt, device)
+    score = sgm.score_model(net, sde)
+    shape = (config.image_channels, config.image_size, config.image_size)
+    generator = torch.Generator(device).manual_seed(seed)
+    out, nfes, start = [], [], time.time()
+    task = progress.add_task(f"{solver} {steps}", total=n) if progress else None
+    for i in range(0, n, batch_size):
+        b = min(batch_size, n - i)
+        x, nfe = sgm.sample(lambda x, t: score(x, t), sde, (b, *shape), solver, steps, generator=generator, device=device, **kwargs)
+        out.append(to_uint8(x, data_range).cpu())
+        nfes.append(nfe)
+        if progress:
+            progress.advance(task, b)
+    return torch.cat(out), sum(nfes) / len(nfes), time.time() - start
+
+
+class Scorer:
+    """FD against the test set, with the classifier and the test features computed once."""
+
+    def __init__(self, data, device):
+        self.net = load_classifier(device=device)
+        test_images, self.test_labels = load_fashion_mnist(data, train=False)
+        self.train_images, _ = load_fashion_mnist(data, train=True)
+        self.test_feats, _ = features_and_classes(self.net, test_images)
+
+    def fd(self, images):
+        feats, classes = features_and_classes(self.net, images)
+        return frechet_distance(feats, self.test_feats), torch.bincount(classes, minlength=10)
+
+    def floor(self, n, seed=0):
+        idx = torch.randperm(len(self.train_images), generator=torch.Generator().manual_seed(seed))[:n]
+        return self.fd(self.train_images[idx])[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Commands
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def main():
+    """Evaluate score-based models on FashionMNIST."""
+
+
+ckpt_option = click.option("--ckpt", type=click.Path(dir_okay=False), default=None, help="Checkpoint [as sample.py].")
+device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+data_option = click.option("--data", type=click.Path(file_okay=False), default="data")
+
+
+@main.command("fd")
+@ckpt_option
+@click.option("--solver", type=click.Choice(list(sgm.SOLVERS)), default="heun")
+@click.option("--steps", type=click.IntRange(1), default=None, help="[1000; heun 18]")
+@click.option("--n", type=click.IntRange(2), default=2000)
+@click.option("--rtol", type=float, default=1e-5)
+@click.option("--atol", type=float, default=1e-5)
+@click.option("--seed", type=int, default=0)
+@device_option
+@data_option
+def fd_command(ckpt, solver, steps, n, rtol, atol, seed, device, data):
+    """Frechet distance of N samples to the test set, the real-data floor, and the class histogram."""
+    device, ckpt = resolve_device(device), ckpt or default_checkpoint()
+    steps = steps or (18 if solver == "heun" else 1000)
+    scorer = Scorer(data, device)
+    with Progress(console=console) as progress:
+        images, nfe, seconds = generate(ckpt, solver, steps, n, device, seed=seed, progress=progress, rtol=rtol, atol=atol)
+    fd, hist = scorer.fd(images)
+    floor = scorer.floor(n, seed)
+    console.print(f"FD {fd:.2f} (floor {floor:.2f}: {n} training images vs test) | {solver}, steps {steps}, {nfe:.0f} NFE, "
+                  f"{n} samples in {seconds:.0f} s | {ckpt} | {machine()}, {device}")
+    console.print("predicted classes: " + ", ".join(f"{c} {k}" for c, k in zip(CLASSES, hist.tolist())))
+
+
+@main.command("bpd")
+@ckpt_option
+@click.option("--n", type=click.IntRange(1), default=None, help="Test images [all 10000].")
+@click.option("--batch-size", type=click.IntRange(1), default=250)
+@click.option("--rtol", type=float, default=1e-5)
+@click.option("--atol", type=float, default=1e-5)
+@click.option("--seed", type=int, default=0)
+@device_option
+@data_option
+def bpd_command(ckpt, n, batch_size, rtol, atol, seed, device, data):
+    """Test-set bits/dim with uniform dequantization and the Hutchinson trace estimator."""
+    device, ckpt = resolve_device(device), ckpt or default_checkpoint()
+    net, sde, data_range, _ = load_model(ckpt, device)
+    score = sgm.score_model(net, sde)
+    images, _ = load_fashion_mnist(data, train=False)
+    images = images[:n] if n else images
+    generator = torch.Generator(device).manual_seed(seed)
+    values, nfes, start = [], [], time.time()
+    with Progress(console=console) as progress:
+        task = progress.add_task("bits/dim", total=len(images))
+        for i in range(0, len(images), batch_size):
+            bpd, nfe = sgm.bits_per_dim(lambda x, t: score(x, t), sde, images[i:i + batch_size].to(device), data_range,
+                                        generator=generator, rtol=rtol, atol=atol)
+            values.append(bpd.cpu())
+            nfes.append(nfe)
+            progress.advance(task, len(bpd))
+    values = torch.cat(values)
+    se = float(values.std() / math.sqrt(len(values))) if len(values) > 1 else float("nan")
+    console.print(f"bits/dim {values.mean():.3f} +- {se:.3f} (standard error) over {len(values)} test images, "
+                  f"{sum(nfes) / len(nfes):.0f} NFE per batch, {time.time() - start:.0f} s, rtol {rtol} atol {atol} | "
+                  f"{ckpt} | {machine()}, {device}")
+
+
+SWEEP = {"heun": (5, 10, 18, 35, 50), "em": (10, 20, 50, 100, 1000), "reverse_diffusion": (10, 20, 50, 100, 1000),
+         "ancestral": (10, 20, 50, 100, 1000), "pc": (10, 20, 50, 100, 500), "ald": (10, 20, 50, 100, 500),
+         "ode": (1e-2, 1e-3, 1e-4, 1e-5)}
+COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
+
+
+def plot_sweep(rows, floor, path, title):
+    """A log-x line plot of FD against NFE, drawn with PIL."""
+    from PIL import Image, ImageDraw
+    W, H, left, right, top, bottom = 760, 480, 70, 170, 40, 50
+    image = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(image)
+    nfes = [r["nfe"] for r in rows]
+    fds = [r["fd"] for r in rows] + [floor]
+    x_lo, x_hi = math.log10(max(1, min(nfes))) - 0.1, math.log10(max(nfes)) + 0.1
+    y_lo, y_hi = 0.0, max(fds) * 1.05 or 1.0
+
+    def xy(nfe, fd):
+        return (left + (math.log10(nfe) - x_lo) / (x_hi - x_lo) * (W - left - right),
+                H - bottom - (min(fd, y_hi) - y_lo) / (y_hi - y_lo) * (H - top - bottom))
+
+    draw.rectangle([left, top, W - right, H - bottom], outline="black")
+    for p in range(math.ceil(x_lo), math.floor(x_hi) + 1):
+        for m in (1, 2, 5):
+            if x_lo <= math.log10(m * 10 ** p) <= x_hi:
+                x = xy(m * 10 ** p, 0)[0]
+                draw.line([x, H - bottom, x, H - bottom + 5], fill="black")
+                draw.text((x - 8, H - bottom + 8), f"{m * 10 ** p:g}", fill="black")
+    for k in range(6):
+        fd = y_lo + k * (y_hi - y_lo) / 5
+        y = xy(10 ** x_lo, fd)[1]
+        draw.line([left - 5, y, left, y], fill="black")
+        draw.text((8, y - 6), f"{fd:.1f}", fill="black")
+    y = xy(10 ** x_lo, floor)[1]
+    draw.line([left, y, W - right, y], fill="gray")
+    draw.text((W - right + 8, y - 6), "real-data floor", fill="gray")
+    for k, solver in enumerate(dict.fromkeys(r["solver"] for r in rows)):
+        points = sorted(xy(r["nfe"], r["fd"]) for r in rows if r["solver"] == solver)
+        color = COLORS[k % len(COLORS)]
+        if len(points) > 1:
+            draw.line(points, fill=color, width=2)
+        for px, py in points:
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
+        draw.text((W - right + 8, top + 16 * k), solver, fill=color)
+    draw.text((left, 12), title, fill="black")
+    draw.text((left + (W - left - right) // 2 - 60, H - 22), "NFE per sample (log scale)", fill="black")
+    image.save(path)
+
+
+@main.command("sweep")
+@ckpt_option
+@click.option("--n", type=click.IntRange(2), default=1000, help="Samples per point.")
+@click.option("--solvers", default=",".join(SWEEP), help="Comma-separated.")
+@click.option("--max-steps", type=click.IntRange(1), default=1000, help="Skip step counts above this.")
+@click.option("--out", default="sweep", help="Writes OUT.md and OUT.png.")
+@click.option("--seed", type=int, default=0)
+@device_option
+@data_option
+def sweep_command(ckpt, n, solvers, max_steps, out, seed, device, data):
+    """FD against NFE for every solver at several step counts (the ODE at several tolerances)."""
+    device, ckpt = resolve_device(device), ckpt or default_checkpoint()
+    chosen = [s.strip() for s in solvers.split(",") if s.strip()]
+    for s in chosen:
+        if s not in SWEEP:
+            raise click.ClickException(f"unknown solver {s!r}; choose from {', '.join(SWEEP)}")
+    scorer = Scorer(data, device)
+    floor, rows = scorer.floor(n, seed), []
+    with Progress(console=console) as progress:
+        for solver in chosen:
+            for setting in SWEEP[solver]:
+                if solver == "ode":
+                    images, nfe, seconds = generate(ckpt, solver, 1, n, device, seed=seed, progress=progress, rtol=setting, atol=setting)
+                elif setting <= max_steps:
+                    images, nfe, seconds = generate(ckpt, solver, setting, n, device, seed=seed, progress=progress)
+                else:
+                    continue
+                rows.append({"solver": solver, "setting": setting, "nfe": nfe, "fd": scorer.fd(images)[0], "seconds": seconds})
+                progress.console.print(f"{solver} {setting}: FD {rows[-1]['fd']:.2f} at {nfe:.0f} NFE")
+    header = (f"FD against NFE, {n} samples per point, floor {floor:.2f} ({n} training images). "
+              f"Checkpoint {ckpt}; {machine()}, {device}.\n\n")
+    table = "| solver | steps / tol | NFE | FD | seconds |\n|---|---|---|---|---|\n" + "".join(
+        f"| {r['solver']} | {r['setting']:g} | {r['nfe']:.0f} | {r['fd']:.2f} | {r['seconds']:.1f} |\n" for r in rows)
+    with open(out + ".md", "w") as f:
+        f.write(header + table)
+    plot_sweep(rows, floor, out + ".png", f"FD vs NFE ({n} samples, {os.path.basename(ckpt)})")
+    console.print(header + table + f"wrote {out}.md and {out}.png")
+
+
+class TutorialScoreNet(nn.Module):
+    """The time-dependent U-Net of Song's widely used score-SDE tutorial notebook (channels 32-64-128-256,
+    ~1.1 M parameters), rebuilt here only to compare training throughput at the same batch size."""
+
+    def __init__(self, channels=(32, 64, 128, 256), embed_dim=256):
+        super().__init__()
+        c = channels
+        self.embed = nn.Sequential(sgm.GaussianFourierFeatures(embed_dim, 30.0), nn.Linear(embed_dim, embed_dim))
+        self.convs = nn.ModuleList([nn.Conv2d(1, c[0], 3, 1, bias=False), nn.Conv2d(c[0], c[1], 3, 2, bias=False),
+                                    nn.Conv2d(c[1], c[2], 3, 2, bias=False), nn.Conv2d(c[2], c[3], 3, 2, bias=False)])
+        self.tconvs = nn.ModuleList([nn.ConvTranspose2d(c[3], c[2], 3, 2, bias=False),
+                                     nn.ConvTranspose2d(2 * c[2], c[1], 3, 2, bias=False, output_padding=1),
+                                     nn.ConvTranspose2d(2 * c[1], c[0], 3, 2, bias=False, output_padding=1)])
+        self.final = nn.ConvTranspose2d(2 * c[0], 1, 3, 1)
+        outs = (c[0], c[1], c[2], c[3], c[2], c[1], c[0])
+        self.denses = nn.ModuleList([nn.Linear(embed_dim, o) for o in outs])
+        self.norms = nn.ModuleList([nn.GroupNorm(4 if o == c[0] and k == 0 else 32, o) for k, o in enumerate(outs)])
+
+    def forward(self, x, t, labels=None):
+        emb = F.silu(self.embed(t))
+        hs, h = [], x
+        for k, conv in enumerate(self.convs):
+            h = F.silu(self.norms[k](conv(h) + self.denses[k](emb)[:, :, None, None]))
+            hs.append(h)
+        for k, tconv in enumerate(self.tconvs):
+            h = tconv(h if k == 0 else torch.cat([h, hs[3 - k]], 1))
+            h = F.silu(self.norms[4 + k](h + self.denses[4 + k](emb)[:, :, None, None]))
+        return self.final(torch.cat([h, hs[0]], 1))
+
+
+@main.command("guidance")
+@ckpt_option
+@click.option("--weights", default="0,1,3", help="Guidance weights w, comma-separated.")
+@click.option("--n", type=click.IntRange(2), default=200, help="Samples per class and weight.")
+@click.option("--solver", type=click.Choice(list(sgm.SOLVERS)), default="heun")
+@click.option("--steps", type=click.IntRange(1), default=18)
+@click.option("--out", default=None, help="Also write the table to this markdown file.")
+@click.option("--seed", type=int, default=0)
+@device_option
+@data_option
+def guidance_command(ckpt, weights, n, solver, steps, out, seed, device, data):
+    """Class accuracy (under the evaluation classifier) and per-class FD of guided samples, for several w."""
+    device, ckpt = resolve_device(device), ckpt or default_checkpoint()
+    net, sde, data_range, config = load_model(ckpt, device)
+    if not config.num_classes:
+        raise click.ClickException(f"{ckpt}: an unconditional checkpoint; train one with train.py --conditional")
+    score = sgm.score_model(net, sde)
+    scorer = Scorer(data, device)
+    test_images, _ = load_fashion_mnist(data, train=False)
+    train_images, train_labels = load_fashion_mnist(data, train=True)
+    ws = [float(w) for w in weights.split(",")]
+    test_feats = {c: features_and_classes(scorer.net, test_images[scorer.test_labels == c])[0] for c in range(10)}
+    floors = [frechet_distance(features_and_classes(scorer.net, train_images[train_labels == c][:n])[0], test_feats[c]) for c in range(10)]
+    rows = []
+    with Progress(console=console) as progress:
+        task = progress.add_task("guidance", total=len(ws) * 10)
+        for w in ws:
+            generator = torch.Generator(device).manual_seed(seed)
+            accuracy, fds = [], []
+            for c in range(10):
+                labels = torch.full((n,), c, device=device)
+                x, _ = sgm.sample(sgm.guided_score(score, labels, w), sde, (n, 1, config.image_size, config.image_size), solver, steps,
+                                  generator=generator, device=device)
+                feats, predicted = features_and_classes(scorer.net, to_uint8(x, data_range).cpu())
+                accuracy.append(float((predicted == c).float().mean()))
+                fds.append(frechet_distance(feats, test_feats[c]))
+                progress.advance(task)
+            rows.append((w, sum(accuracy) / 10, fds))
+    table = ("| w | class accuracy | " + " | ".join(f"FD {name}" for name in CLASSES) + " |\n|---|---|" + "---|" * 10 + "\n"
+             + "".join(f"| {w:g} | {acc:.3f} | " + " | ".join(f"{fd:.1f}" for fd in fds) + " |\n" for w, acc, fds in rows)
+             + "| floor | | " + " | ".join(f"{fd:.1f}" for fd in floors) + " |\n")
+    header = f"Guided samples: {solver}, {steps} steps, {n} per class; {ckpt}; {machine()}, {device}.\n\n"
+    if out:
+        with open(out, "w") as f:
+            f.write(header + table)
+    console.print(header + table)
+
+
+@main.command("speed")
+@click.option("--batch-size", type=click.IntRange(1), default=128)
+@click.option("--channels", type=click.IntRange(4), default=None, help="Model width [the default model's].")
+@click.option("--model", type=click.Choice(["default", "quick", "tutorial"]), default="default",
+              help="default / quick: train.py's presets; tutorial: the ScoreNet of Song's popular tutorial, for comparison.")
+@click.option("--iters", type=click.IntRange(2), default=10)
+@device_option
+def speed_command(batch_size, channels, model, iters, device):
+    """Training and sampling throughput (img/s) of a freshly initialised model on this device."""
+    from train import PRESETS
+    device = resolve_device(device)
+    settings = PRESETS["quick" if model == "quick" else "default"]
+    if model == "tutorial":
+        net = TutorialScoreNet()
+    else:
+        net = sgm.UNet(sgm.ModelConfig(channels=channels or settings["channels"], channel_mult=settings["channel_mult"],
+                                       num_res_blocks=settings["num_res_blocks"], dropout=settings["dropout"]))
+    net = net.to(device).to(memory_format=torch.channels_last)
+    sde, opt = sgm.VPSDE(), torch.optim.Adam(net.parameters(), 2e-4)
+    x = torch.randn(batch_size, 1, 28, 28, device=device).contiguous(memory_format=torch.channels_last)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+
+    def timed(fn):
+        fn()
+        fn()  # warm-up
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.time()
+        for _ in range(iters):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return iters * batch_size / (time.time() - start)
+
+    def train_step():
+        with autocast:
+            loss = sgm.dsm_loss(net, sde, x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    @torch.no_grad()
+    def sample_step():
+        with autocast:
+            sgm.predict_noise(net.eval(), sde, x, torch.rand(batch_size, device=device))
+        net.train()
+
+    train_rate, eval_rate = timed(train_step), timed(sample_step)
+    params = sum(p.numel() for p in net.parameters()) / 1e6
+    console.print(f"{model} model ({params:.2f} M parameters), batch {batch_size}: "
+                  f"training {train_rate:.0f} img/s, one score evaluation {eval_rate:.0f} img/s "
+                  f"(heun at 35 NFE: {eval_rate / 35:.1f} img/s) | {machine()}, {device}")
+
+
+@main.command("train-classifier")
+@click.option("--epochs", type=click.IntRange(1), default=5)
+@click.option("--out", default=CLASSIFIER)
+@click.option("--seed", type=int, default=0)
+@device_option
+@data_option
+def train_classifier_command(epochs, out, seed, device, data):
+    """Train the feature classifier (a few CPU minutes; needs >= 92% test accuracy) and print its sha256."""
+    device = resolve_device(device)
+    torch.manual_seed(seed)
+    images, labels = load_fashion_mnist(data, train=True)
+    test_images, test_labels = load_fashion_mnist(data, train=False)
+    net = Classifier().to(device)
+    steps = epochs * (len(images) // 128)
+    opt = torch.optim.AdamW(net.parameters(), 2e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
+    with Progress(console=console) as progress:
+        task = progress.add_task("classifier", total=steps)
+        for epoch in range(epochs):
+            perm = torch.randperm(len(images))
+            for i in range(len(images) // 128):
+                idx = perm[i * 128:(i + 1) * 128]
+                batch = images[idx]
+                flip = torch.rand(len(idx)) < 0.5  # horizontal flips: garments are left-right symmetric
+                batch = torch.where(flip[:, None, None, None], batch.flip(3), batch)
+                loss = F.cross_entropy(net(batch.to(device)), labels[idx].to(device))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                schedule.step()
+                progress.advance(task)
+    net.eval()
+    _, predicted = features_and_classes(net, test_images)
+    accuracy = float((predicted == test_labels).float().mean())
+    if accuracy < 0.92:
+        raise click.ClickException(f"test accuracy {accuracy:.4f} is below 0.92; train longer (--epochs)")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    torch.save({k: v.cpu() for k, v in net.state_dict().items()}, out)
+    console.print(f"test accuracy {accuracy:.4f}; wrote {out}, sha256 {sha256(out)} (set CLASSIFIER_SHA256 to it)")
+
+
+if __name__ == "__main__":
+    main()
