@@ -13,6 +13,7 @@ Inception features suit 28x28 grayscale badly and cannot be downloaded here; the
 comparable to published FIDs, only to each other. Each FD comes with its floor: N training images against the
 test set, which is what a perfect model would score with the same N.
 """
+import functools
 import hashlib
 import math
 import os
@@ -25,11 +26,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
 
 import sgm
 from sample import default_checkpoint, load_model
-from train import CLASSES, load_fashion_mnist, resolve_device, to_model_range, to_uint8
+from train import CLASSES, load_fashion_mnist, resolve_device, to_uint8
 
 console = Console(stderr=True, soft_wrap=True)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -127,22 +127,35 @@ def generate(ckpt, solver, steps, n, device, batch_size=500, seed=0, progress=No
     return torch.cat(out), sum(nfes) / len(nfes), time.time() - start
 
 
+@functools.lru_cache(maxsize=2)
+def reference_features(data, device):
+    """The classifier, and the features and labels of the 10,000 test images (computed once per process)."""
+    net = load_classifier(device=device)
+    images, labels = load_fashion_mnist(data, train=False)
+    return net, features_and_classes(net, images)[0], labels
+
+
 class Scorer:
-    """FD against the test set, with the classifier and the test features computed once."""
+    """FD against the test set (or one class of it), with the classifier and the test features computed once."""
 
     def __init__(self, data, device):
-        self.net = load_classifier(device=device)
-        test_images, self.test_labels = load_fashion_mnist(data, train=False)
-        self.train_images, _ = load_fashion_mnist(data, train=True)
-        self.test_feats, _ = features_and_classes(self.net, test_images)
+        self.data, self.train = data, None
+        self.net, self.test_feats, self.test_labels = reference_features(data, device)
 
-    def fd(self, images):
+    def fd(self, images, label=None):
         feats, classes = features_and_classes(self.net, images)
-        return frechet_distance(feats, self.test_feats), torch.bincount(classes, minlength=10)
+        reference = self.test_feats if label is None else self.test_feats[self.test_labels == label]
+        return frechet_distance(feats, reference), torch.bincount(classes, minlength=10)
 
-    def floor(self, n, seed=0):
-        idx = torch.randperm(len(self.train_images), generator=torch.Generator().manual_seed(seed))[:n]
-        return self.fd(self.train_images[idx])[0]
+    def floor(self, n, seed=0, label=None):
+        """FD of n training images (of one class, if given): what a perfect model would score with n samples."""
+        if self.train is None:
+            self.train = load_fashion_mnist(self.data, train=True)
+        images, labels = self.train
+        if label is not None:
+            images = images[labels == label]
+        idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+        return self.fd(images[idx], label)[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,7 +190,8 @@ def fd_command(ckpt, solver, steps, n, rtol, atol, seed, device, data):
         images, nfe, seconds = generate(ckpt, solver, steps, n, device, seed=seed, progress=progress, rtol=rtol, atol=atol)
     fd, hist = scorer.fd(images)
     floor = scorer.floor(n, seed)
-    console.print(f"FD {fd:.2f} (floor {floor:.2f}: {n} training images vs test) | {solver}, steps {steps}, {nfe:.0f} NFE, "
+    setting = f"rtol {rtol:g} atol {atol:g}" if solver == "ode" else f"steps {steps}"
+    console.print(f"FD {fd:.2f} (floor {floor:.2f}: {n} training images vs test) | {solver}, {setting}, {nfe:.0f} NFE, "
                   f"{n} samples in {seconds:.0f} s | {ckpt} | {machine()}, {device}")
     console.print("predicted classes: " + ", ".join(f"{c} {k}" for c, k in zip(CLASSES, hist.tolist())))
 
@@ -351,11 +365,8 @@ def guidance_command(ckpt, weights, n, solver, steps, out, seed, device, data):
         raise click.ClickException(f"{ckpt}: an unconditional checkpoint; train one with train.py --conditional")
     score = sgm.score_model(net, sde)
     scorer = Scorer(data, device)
-    test_images, _ = load_fashion_mnist(data, train=False)
-    train_images, train_labels = load_fashion_mnist(data, train=True)
     ws = [float(w) for w in weights.split(",")]
-    test_feats = {c: features_and_classes(scorer.net, test_images[scorer.test_labels == c])[0] for c in range(10)}
-    floors = [frechet_distance(features_and_classes(scorer.net, train_images[train_labels == c][:n])[0], test_feats[c]) for c in range(10)]
+    floors = [scorer.floor(n, seed, label=c) for c in range(10)]
     rows = []
     with Progress(console=console) as progress:
         task = progress.add_task("guidance", total=len(ws) * 10)
@@ -366,9 +377,9 @@ def guidance_command(ckpt, weights, n, solver, steps, out, seed, device, data):
                 labels = torch.full((n,), c, device=device)
                 x, _ = sgm.sample(sgm.guided_score(score, labels, w), sde, (n, 1, config.image_size, config.image_size), solver, steps,
                                   generator=generator, device=device)
-                feats, predicted = features_and_classes(scorer.net, to_uint8(x, data_range).cpu())
-                accuracy.append(float((predicted == c).float().mean()))
-                fds.append(frechet_distance(feats, test_feats[c]))
+                fd, histogram = scorer.fd(to_uint8(x, data_range).cpu(), label=c)
+                accuracy.append(float(histogram[c]) / n)
+                fds.append(fd)
                 progress.advance(task)
             rows.append((w, sum(accuracy) / 10, fds))
     table = ("| w | class accuracy | " + " | ".join(f"FD {name}" for name in CLASSES) + " |\n|---|---|" + "---|" * 10 + "\n"

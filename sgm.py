@@ -445,14 +445,8 @@ def langevin_step(score_fn, x, t, alpha, snr, generator):
 
 @torch.no_grad()
 def sample_reverse_diffusion(score_fn, sde, x, ts, generator=None, callback=None, project=None):
-    """Reverse-diffusion predictor alone (appendix E)."""
-    for i in range(len(ts) - 1):
-        t, t_next = ts[i].expand(x.shape[0]), ts[i + 1].expand(x.shape[0])
-        x_now = x
-        x, x_mean, score = reverse_diffusion_step(score_fn, sde, x, t, t_next, generator)
-        report(callback, sde, i, t, x_now, score)
-        x = keep(x, project, ts[i + 1])
-    return x_mean
+    """Reverse-diffusion predictor alone (appendix E): predictor-corrector without the corrector."""
+    return sample_pc(score_fn, sde, x, ts, corrector_steps=0, generator=generator, callback=callback, project=project)
 
 
 @torch.no_grad()
@@ -793,6 +787,7 @@ def save_checkpoint(path, *, config, sde, model=None, ema=None, optimizer=None, 
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
