@@ -9,6 +9,7 @@ Train a score-based model on FashionMNIST.
 A run folder holds ckpt.pt (atomic, also written on Ctrl-C), log.jsonl (one line per log interval)
 and samples_<step>.png (EMA weights, Heun sampler, 35 NFE).
 """
+import functools
 import gzip
 import json
 import math
@@ -114,12 +115,17 @@ def sample_grid(model, sde, data_range, path, n=64, steps=18, seed=0, labels=Non
     save_grid(x, data_range, path)
 
 
+@functools.lru_cache(maxsize=1)
+def epoch_permutation(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
 def batch_indices(step, batch_size, n, seed, rank=0, world=1):
     """This rank's indices of the global batch `step`: each epoch is a permutation drawn from (seed, epoch), so the
     data order follows from the step alone and a resumed run sees the same batches."""
     per_epoch = n // (batch_size * world)
     epoch, pos = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    perm = epoch_permutation(n, seed, epoch)
     start = (pos * world + rank) * batch_size
     return perm[start:start + batch_size]
 
@@ -252,7 +258,7 @@ def main(preset, device, sde_name, steps, epochs, batch_size, lr, warmup, grad_c
         with progress:
             task = progress.add_task("train", total=total, completed=start, status="")
             while step < total:
-                idx = batch_indices(step, B, len(images), seed, rank, world).to(device)
+                idx = batch_indices(step, B, len(images), seed, rank, world).to(device, non_blocking=True)
                 x = to_model_range(images[idx], data_range, dequantize=True)
                 x = x.contiguous(memory_format=torch.channels_last)
                 y = None

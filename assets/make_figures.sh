@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates every figure in the README from a checkpoint (default: the quick preset's run).
-# Usage: bash assets/make_figures.sh [CKPT]     (about 25 minutes on 2 CPU cores)
+# First train the model they show:  python train.py --preset quick --conditional --out runs/quick
+# (its last grid, runs/quick/samples_0002500.png, is assets/quick_grid.png). Then:
+# Usage: bash assets/make_figures.sh [CKPT]     (about 40 minutes on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CK=${1:-runs/quick/ckpt.pt}
