@@ -5,7 +5,7 @@ A reference implementation of Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole
 "Score-Based Generative Modeling through Stochastic Differential Equations", ICLR 2021
 (arXiv:2011.13456). Read it top to bottom next to the paper:
 
-    SDEs         VE, VP and sub-VP forward processes (eqs. 9, 11 and 17), reverse SDE, probability flow
+    SDEs         VE, VP and sub-VP forward processes (eqs. 9 and 11, section 3.4), reverse SDE, probability flow
     model        a time-conditioned U-Net that predicts noise, and the one function that makes it a score
     loss         continuous denoising score matching (eq. 7)
     samplers     Euler-Maruyama, reverse diffusion, ancestral, predictor-corrector (Algorithm 1),
@@ -132,7 +132,7 @@ class VESDE(SDE):
         return torch.zeros_like(x), (self.sigma(t) ** 2 - self.sigma(t_next) ** 2).sqrt()
 
     def ancestral_step(self, x, t, t_next, score):
-        """SMLD ancestral sampling (eq. 47): returns the mean and the std of x(t_next)."""
+        """SMLD ancestral sampling (appendix F): returns the mean and the std of x(t_next)."""
         var, var_next = self.sigma(t) ** 2, self.sigma(t_next) ** 2
         x_mean = x + append_dims(var - var_next, x.ndim) * score
         return x_mean, (var_next * (var - var_next) / var).sqrt()
@@ -182,7 +182,7 @@ class VPSDE(SDE):
         return 1 - self.discrete_beta(t, t_next)
 
     def ancestral_step(self, x, t, t_next, score):
-        """DDPM ancestral sampling (eq. 47): returns the mean and the std of x(t_next)."""
+        """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2): returns the mean and the std of x(t_next)."""
         beta = self.discrete_beta(t, t_next)
         x_mean = (x + append_dims(beta, x.ndim) * score) / append_dims((1 - beta).sqrt(), x.ndim)
         return x_mean, beta.sqrt()
@@ -190,7 +190,7 @@ class VPSDE(SDE):
 
 @dataclass
 class SubVPSDE(VPSDE):
-    """sub-VP SDE (eq. 17): VP's drift, a smaller diffusion, and a variance that never exceeds VP's."""
+    """sub-VP SDE (section 3.4): VP's drift, a smaller diffusion, and a variance that never exceeds VP's."""
 
     def sde(self, x, t):
         drift, _ = super().sde(x, t)
@@ -204,8 +204,7 @@ class SubVPSDE(VPSDE):
 
     discretize = SDE.discretize  # VP's exact kernel does not hold here: Euler (as the official code)
 
-    def ancestral_step(self, x, t, t_next, score):
-        return SDE.ancestral_step(self, x, t, t_next, score)  # the paper defines none
+    ancestral_step = SDE.ancestral_step  # the paper defines none: a clear ValueError
 
 
 SDES = {cls.__name__: cls for cls in (VESDE, VPSDE, SubVPSDE)}
@@ -424,7 +423,7 @@ def sample_em(score_fn, sde, x, ts, generator=None, callback=None, project=None)
 
 @torch.no_grad()
 def reverse_diffusion_step(score_fn, sde, x, t, t_next, generator):
-    """Reverse-diffusion predictor (eq. 46): x_mean = x - f + G^2 s, x = x_mean + G z."""
+    """Reverse-diffusion predictor (appendix E): x_mean = x - f + G^2 s, x = x_mean + G z."""
     score = score_fn(x, t)
     f, G = sde.discretize(x, t, t_next)
     x_mean = x - f + append_dims(G ** 2, x.ndim) * score
@@ -451,7 +450,7 @@ def sample_reverse_diffusion(score_fn, sde, x, ts, generator=None, callback=None
 
 @torch.no_grad()
 def sample_ancestral(score_fn, sde, x, ts, generator=None, callback=None, project=None):
-    """Ancestral sampling (eq. 47): SMLD for VE, DDPM for VP."""
+    """Ancestral sampling: SMLD for VE (appendix F), DDPM for VP."""
     for i in range(len(ts) - 1):
         t, t_next = ts[i].expand(x.shape[0]), ts[i + 1].expand(x.shape[0])
         score = score_fn(x, t)
