@@ -109,9 +109,9 @@ def machine():
     return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads){gpu}, torch {torch.__version__}"
 
 
-def generate(ckpt, solver, steps, n, device, batch_size=500, seed=0, progress=None, **kwargs):
-    """n samples as uint8 (n, C, H, W), the mean NFE and the seconds spent."""
-    net, sde, data_range, config = load_model(ckpt, device)
+def generate(model, solver, steps, n, device, batch_size=500, seed=0, progress=None, **kwargs):
+    """n samples as uint8 (n, C, H, W) from model = load_model(...), the mean NFE and the seconds spent."""
+    net, sde, data_range, config = model
     score = sgm.score_model(net, sde)
     shape = (config.image_channels, config.image_size, config.image_size)
     generator = torch.Generator(device).manual_seed(seed)
@@ -187,7 +187,8 @@ def fd_command(ckpt, solver, steps, n, rtol, atol, seed, device, data):
     steps = steps or (18 if solver == "heun" else 1000)
     scorer = Scorer(data, device)
     with Progress(console=console) as progress:
-        images, nfe, seconds = generate(ckpt, solver, steps, n, device, seed=seed, progress=progress, rtol=rtol, atol=atol)
+        images, nfe, seconds = generate(load_model(ckpt, device), solver, steps, n, device, seed=seed, progress=progress,
+                                        rtol=rtol, atol=atol)
     fd, hist = scorer.fd(images)
     floor = scorer.floor(n, seed)
     setting = f"rtol {rtol:g} atol {atol:g}" if solver == "ode" else f"steps {steps}"
@@ -294,15 +295,15 @@ def sweep_command(ckpt, n, solvers, max_steps, out, seed, device, data):
     for s in chosen:
         if s not in SWEEP:
             raise click.ClickException(f"unknown solver {s!r}; choose from {', '.join(SWEEP)}")
-    scorer = Scorer(data, device)
+    scorer, model = Scorer(data, device), load_model(ckpt, device)
     floor, rows = scorer.floor(n, seed), []
     with Progress(console=console) as progress:
         for solver in chosen:
             for setting in SWEEP[solver]:
                 if solver == "ode":
-                    images, nfe, seconds = generate(ckpt, solver, 1, n, device, seed=seed, progress=progress, rtol=setting, atol=setting)
+                    images, nfe, seconds = generate(model, solver, 1, n, device, seed=seed, progress=progress, rtol=setting, atol=setting)
                 elif setting <= max_steps:
-                    images, nfe, seconds = generate(ckpt, solver, setting, n, device, seed=seed, progress=progress)
+                    images, nfe, seconds = generate(model, solver, setting, n, device, seed=seed, progress=progress)
                 else:
                     continue
                 rows.append({"solver": solver, "setting": setting, "nfe": nfe, "fd": scorer.fd(images)[0], "seconds": seconds})

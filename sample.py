@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 import sgm
-from train import CLASSES, load_fashion_mnist, resolve_device, to_model_range, to_uint8
+from train import CLASSES, grid_image, load_fashion_mnist, resolve_device, to_model_range, to_uint8
 
 console = Console(stderr=True, soft_wrap=True)
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "fmnist.pt")
@@ -112,13 +112,6 @@ def write_atomic(path, write):
     except BaseException:
         os.unlink(tmp)
         raise
-
-
-def grid_image(images, nrow):
-    """uint8 (B, C, H, W) -> PIL image of a grid."""
-    from torchvision.transforms.functional import to_pil_image
-    from torchvision.utils import make_grid
-    return to_pil_image(make_grid(images.cpu(), nrow=nrow, padding=2, pad_value=255))
 
 
 def save_png(x, data_range, path, nrow):

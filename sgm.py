@@ -668,12 +668,7 @@ def bits_per_dim(score_fn, sde, images, data_range=(-1.0, 1.0), *, generator=Non
 def encode(score_fn, sde, x, *, eps=1e-3, rtol=1e-5, atol=1e-5):
     """Data -> latent x(T) through the probability-flow ODE. Returns (z, nfe). Decode with `decode`."""
     counted = CountedScore(score_fn)
-
-    def rhs(t, x):
-        t = torch.full((x.shape[0],), t, device=x.device)
-        return sde.reverse_sde(x, t, counted(x, t), probability_flow=True)[0]
-
-    return solve_ode(rhs, x, eps, sde.T, rtol, atol), counted.nfe
+    return sample_ode(counted, sde, x, torch.tensor([eps, sde.T]), rtol, atol), counted.nfe  # the ODE, run forwards
 
 
 def decode(score_fn, sde, z, *, eps=1e-3, rtol=1e-5, atol=1e-5):

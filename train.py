@@ -89,18 +89,15 @@ def resolve_device(device):
     return device
 
 
+def grid_image(images, nrow=8):
+    """uint8 (B, C, H, W) -> PIL image of a grid with white 2-pixel gaps."""
+    from torchvision.transforms.functional import to_pil_image
+    from torchvision.utils import make_grid
+    return to_pil_image(make_grid(images.cpu(), nrow=nrow, padding=2, pad_value=255))
+
+
 def save_grid(x, data_range, path, nrow=8):
-    from torchvision.utils import save_image
-    lo, hi = data_range
-    save_image(((x.float() - lo) / (hi - lo)).clamp(0, 1), path, nrow=nrow, padding=2, pad_value=1.0)
-
-
-def ema_model(ckpt):
-    """The checkpoint's network carrying its EMA weights (when present), in eval mode."""
-    model = ckpt["model"]
-    if ckpt["ema"] is not None:
-        ckpt["ema"].copy_to(model)
-    return model.eval()
+    grid_image(to_uint8(x, data_range), nrow).save(path)
 
 
 @torch.no_grad()
@@ -109,9 +106,8 @@ def sample_grid(model, sde, data_range, path, n=64, steps=18, seed=0, labels=Non
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
     score = sgm.score_model(model, sde)
-    score_fn = (lambda x, t: score(x, t, labels)) if labels is not None else (lambda x, t: score(x, t))
     c, s = model.config.image_channels, model.config.image_size
-    x, _ = sgm.sample(score_fn, sde, (n, c, s, s), "heun", steps, generator=generator, device=device)
+    x, _ = sgm.sample(lambda x, t: score(x, t, labels), sde, (n, c, s, s), "heun", steps, generator=generator, device=device)
     save_grid(x, data_range, path)
 
 
