@@ -4,6 +4,8 @@ Measure a score-based model: sample quality, test-set bits/dim, quality against 
     python evaluate.py fd --ckpt runs/vp/ckpt.pt --solver heun --steps 18 --n 2000
     python evaluate.py bpd --ckpt runs/vp/ckpt.pt --n 500
     python evaluate.py sweep --ckpt runs/vp/ckpt.pt --n 500 --out sweep     # sweep.md and sweep.png
+    python evaluate.py compare runs/ve/ckpt.pt runs/vp/ckpt.pt runs/subvp/ckpt.pt --n 500   # SDE x solver table
+    python evaluate.py export runs/vp/ckpt.pt                              # EMA-only fp16 checkpoints/fmnist.pt
     python evaluate.py speed
     python evaluate.py train-classifier                                    # rebuilds checkpoints/classifier.pt
 
@@ -28,7 +30,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 import sgm
-from sample import default_checkpoint, load_model
+from sample import default_checkpoint, load_model, run_solver
 from train import CLASSES, load_fashion_mnist, resolve_device, to_uint8
 
 console = Console(stderr=True, soft_wrap=True)
@@ -119,7 +121,8 @@ def generate(model, solver, steps, n, device, batch_size=500, seed=0, progress=N
     task = progress.add_task(f"{solver} {steps}", total=n) if progress else None
     for i in range(0, n, batch_size):
         b = min(batch_size, n - i)
-        x, nfe = sgm.sample(lambda x, t: score(x, t), sde, (b, *shape), solver, steps, generator=generator, device=device, **kwargs)
+        x, nfe = run_solver(sgm.sample, lambda x, t: score(x, t), sde, (b, *shape), solver, steps, generator=generator,
+                            device=device, **kwargs)
         out.append(to_uint8(x, data_range).cpu())
         nfes.append(nfe)
         if progress:
@@ -316,6 +319,90 @@ def sweep_command(ckpt, n, solvers, max_steps, out, seed, device, data):
         f.write(header + table)
     plot_sweep(rows, floor, out + ".png", f"FD vs NFE ({n} samples, {os.path.basename(ckpt)})")
     console.print(header + table + f"wrote {out}.md and {out}.png")
+
+
+@main.command("compare")
+@click.argument("ckpts", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--solvers", default="heun,ode,em,pc", help="Comma-separated.")
+@click.option("--nfe", type=click.IntRange(2), default=1000, help="Evaluations per sample for the stochastic solvers.")
+@click.option("--n", type=click.IntRange(2), default=1000, help="Samples per cell.")
+@click.option("--out", default=None, help="Also write the tables to this markdown file.")
+@click.option("--seed", type=int, default=0)
+@device_option
+@data_option
+def compare_command(ckpts, solvers, nfe, n, out, seed, device, data):
+    """The SDE x solver table: FD, NFE and seconds of each checkpoint with each solver at its standard setting:
+    heun at 18 steps (35 NFE), the ODE adaptive (rtol = atol = 1e-5), the stochastic solvers at --nfe evaluations."""
+    device = resolve_device(device)
+    chosen = [s.strip() for s in solvers.split(",") if s.strip()]
+    for s in chosen:
+        if s not in sgm.SOLVERS:
+            raise click.ClickException(f"unknown solver {s!r}; choose from {', '.join(sgm.SOLVERS)}")
+    # pc and ald spend two evaluations per step (predictor or Langevin step, and one corrector step)
+    steps = {s: 18 if s == "heun" else 1 if s == "ode" else nfe // (2 if s in ("pc", "ald") else 1) for s in chosen}
+    scorer, rows = Scorer(data, device), []
+    with Progress(console=console) as progress:
+        for ckpt in ckpts:
+            model = load_model(ckpt, device)
+            sde_name = type(model[1]).__name__
+            for solver in chosen:
+                images, spent, seconds = generate(model, solver, steps[solver], n, device, seed=seed, progress=progress)
+                rows.append({"ckpt": ckpt, "sde": sde_name, "solver": solver, "nfe": spent, "fd": scorer.fd(images)[0], "seconds": seconds})
+                progress.console.print(f"{sde_name} {solver}: FD {rows[-1]['fd']:.2f} at {spent:.0f} NFE, {seconds:.0f} s")
+    floor = scorer.floor(n, seed)
+    header = (f"{n} samples per cell (seed {seed}), real-data floor {floor:.2f} ({n} training images vs test); "
+              f"{machine()}, {device}.\n\n")
+    table = f"| SDE | checkpoint | solver | NFE | FD | seconds for {n} |\n|---|---|---|---|---|---|\n" + "".join(
+        f"| {r['sde']} | {r['ckpt']} | {r['solver']} | {r['nfe']:.0f} | {r['fd']:.2f} | {r['seconds']:.0f} |\n" for r in rows)
+    summary = []
+    for ckpt in ckpts:
+        mine = [r for r in rows if r["ckpt"] == ckpt]
+        slow = [r for r in mine if r["solver"] not in ("heun", "ode")]
+        heun = [r for r in mine if r["solver"] == "heun"]
+        if slow and heun:
+            best = min(slow, key=lambda r: r["fd"])
+            summary.append(f"| {mine[0]['sde']} | {best['fd']:.2f} ({best['solver']}) | {heun[0]['fd']:.2f} | "
+                           f"{heun[0]['fd'] / best['fd']:.2f}x |\n")
+    if summary:
+        summary = [f"\n| SDE | best FD at {nfe} NFE | heun FD (35 NFE) | heun / best |\n|---|---|---|---|\n", *summary]
+    summary = "".join(summary)
+    if out:
+        with open(out, "w") as f:
+            f.write(header + table + summary)
+    console.print(header + table + summary)
+
+
+@main.command("export")
+@click.argument("ckpt", type=click.Path(dir_okay=False))
+@click.option("--out", default=os.path.join(HERE, "checkpoints", "fmnist.pt"))
+@click.option("--half/--no-half", default=True, help="Store float weights as fp16 (cast back to fp32 on load).")
+@click.option("--n", type=click.IntRange(0), default=1000, help="Samples for the FD check before and after; 0 skips it.")
+@click.option("--seed", type=int, default=0)
+@device_option
+@data_option
+def export_command(ckpt, out, half, n, seed, device, data):
+    """Write a training checkpoint's EMA weights alone (no optimizer, no raw weights), for shipping, and
+    compare the FD of the exported weights with the original's on the same noise (heun, 35 NFE)."""
+    device = resolve_device(device)
+    if os.path.abspath(out) == os.path.abspath(ckpt):
+        raise click.ClickException(f"--out {out} is the checkpoint itself; write the export elsewhere")
+    try:
+        state = sgm.load_checkpoint(ckpt, "cpu")
+    except sgm.CheckpointError as e:
+        raise click.ClickException(str(e))
+    exported = sgm.EMA(state["model"])
+    if state["ema"] is not None:
+        exported.shadow = state["ema"].state_dict()
+    exported.shadow = {k: v.half() if half and v.is_floating_point() else v for k, v in exported.shadow.items()}
+    sgm.save_checkpoint(out, config=state["config"], sde=state["sde"], ema=exported, data_range=state["data_range"],
+                        step=state["step"], extra={**state["extra"], "exported_from": ckpt, "half": half})
+    console.print(f"wrote {out}: {os.path.getsize(out) / 1e6:.2f} MB, EMA weights of {ckpt} at step {state['step']}"
+                  f"{' in fp16' if half else ''}")
+    if n:
+        scorer = Scorer(data, device)
+        fds = [scorer.fd(generate(load_model(path, device), "heun", 18, n, device, seed=seed)[0])[0] for path in (ckpt, out)]
+        console.print(f"FD with heun, 35 NFE, {n} samples: {fds[0]:.2f} original, {fds[1]:.2f} exported "
+                      f"| {machine()}, {device}")
 
 
 class TutorialScoreNet(nn.Module):

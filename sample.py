@@ -53,6 +53,14 @@ def load_model(path, device, use_ema=True):
     return model, ckpt["sde"], ckpt["data_range"], ckpt["config"]
 
 
+def run_solver(fn, *args, **kwargs):
+    """Call sgm.sample or sgm.inpaint; a solver the SDE does not define (ancestral for sub-VP) becomes a one-line error."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as e:
+        raise click.ClickException(str(e))
+
+
 def parse_label(text, config):
     """'all', a class index or a FashionMNIST class name -> 'all' or an int."""
     if not config.num_classes:
@@ -228,10 +236,10 @@ def main(ckpt, solver, n, steps, snr, corrector_steps, rtol, atol, eps, seed, de
                 if mode == "inpaint":
                     known = to_model_range(test_images[from_test + lo:from_test + hi], data_range).to(device)
                     mask = make_mask(inpaint, shape, generator=torch.Generator().manual_seed(seed)).to(device)
-                    x, nfe = sgm.inpaint(score_fn_for(chunk_labels), sde, known, mask, solver, steps, **kwargs)
+                    x, nfe = run_solver(sgm.inpaint, score_fn_for(chunk_labels), sde, known, mask, solver, steps, **kwargs)
                     outputs.append(torch.stack([known, mask * known + (1 - mask) * data_range[1], x]))  # (3, b, C, H, W)
                 else:
-                    x, nfe = sgm.sample(score_fn_for(chunk_labels), sde, (hi - lo, *shape), solver, steps, **kwargs)
+                    x, nfe = run_solver(sgm.sample, score_fn_for(chunk_labels), sde, (hi - lo, *shape), solver, steps, **kwargs)
                     outputs.append(x)
                 nfes.append(nfe)
                 progress.update(task, completed=c + 1)

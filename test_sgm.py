@@ -432,12 +432,12 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    """A tiny, untrained conditional checkpoint (1x28x28) and one for 1x8x8 images."""
+    """Tiny, untrained conditional checkpoints: VP for 1x28x28 and 1x8x8 images, sub-VP for 1x28x28."""
     folder = tmp_path_factory.mktemp("ck")
-    for name, size in (("tiny.pt", 28), ("small_images.pt", 8)):
+    for name, size, sde in (("tiny.pt", 28, sgm.VPSDE()), ("small_images.pt", 8, sgm.VPSDE()), ("subvp.pt", 28, sgm.SubVPSDE())):
         config = tiny_config(num_classes=10, image_size=size)
         net = randomize(sgm.UNet(config))
-        sgm.save_checkpoint(folder / name, config=config, sde=sgm.VPSDE(), model=net, ema=sgm.EMA(net))
+        sgm.save_checkpoint(folder / name, config=config, sde=sde, model=net, ema=sgm.EMA(net))
     return folder
 
 
@@ -483,10 +483,12 @@ def test_sample_cli_npz_gif_and_reproducibility(tiny_ckpt, tmp_path):
     (["--label", "banana"], "unknown --label"),
     (["--inpaint", "diagonal"], "Invalid value for '--inpaint'"),
     (["--inpaint", "left", "--solver", "ode"], "needs a stochastic solver"),
+    (["--ckpt", "SUBVP", "--solver", "ancestral", "--steps", "2"], "not defined for SubVPSDE"),
 ])
 def test_sample_cli_bad_input(tiny_ckpt, tmp_path, args, message):
     (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint at all")
-    args = [str(tmp_path / "corrupt.pt") if a == "CORRUPT" else str(tiny_ckpt / "small_images.pt") if a == "SMALL" else a for a in args]
+    named = {"CORRUPT": tmp_path / "corrupt.pt", "SMALL": tiny_ckpt / "small_images.pt", "SUBVP": tiny_ckpt / "subvp.pt"}
+    args = [str(named.get(a, a)) for a in args]
     if "--ckpt" not in args:
         args += ["--ckpt", str(tiny_ckpt / "tiny.pt")]
     if "--out" not in args:
@@ -510,6 +512,23 @@ def test_sample_cli_inpaint_interpolate_and_label_all(tiny_ckpt, tmp_path):
                    "--guidance", 2, "--out", tmp_path / "all.png")
     assert r.exit_code == 0, r.output
     assert Image.open(tmp_path / "all.png").size == (2 * 30 + 2, 10 * 30 + 2)  # one row per class
+
+
+def test_shipped_checkpoint_loads_and_samples_by_default(tmp_path):
+    """checkpoints/fmnist.pt: EMA weights only, fp16, class-conditional, and what sample.py uses by default."""
+    import numpy as np
+    import sample
+    assert sample.default_checkpoint() == sample.SHIPPED and os.path.getsize(sample.SHIPPED) <= 20e6
+    state = torch.load(sample.SHIPPED, map_location="cpu", weights_only=True)
+    assert state["model"] is None and state["optimizer"] is None and state["rng"] is None
+    assert {v.dtype for v in state["ema"].values() if v.is_floating_point()} == {torch.float16}
+    net, sde, data_range, config = sample.load_model(sample.SHIPPED, "cpu")
+    assert config.num_classes == 10 and next(net.parameters()).dtype == torch.float32
+    r = CliRunner().invoke(sample.main, ["--solver", "heun", "--steps", 3, "--n", 3, "--label", "bag", "--device", "cpu",
+                                         "--out", str(tmp_path / "s.npz")])
+    assert r.exit_code == 0, r.output
+    images = np.load(tmp_path / "s.npz")["images"]
+    assert images.shape == (3, 28, 28) and images.dtype == np.uint8 and images.std() > 10  # not a blank image
 
 
 # ---------------------------------------------------------------- controllable generation
@@ -628,6 +647,23 @@ def test_evaluate_bpd_sweep_guidance_and_speed(tiny_ckpt, tmp_path):
     r = run_evaluate("guidance", "--ckpt", tiny_ckpt / "tiny.pt", "--n", 2, "--steps", 2, "--weights", "0,1", "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert "class accuracy" in r.output and r.output.count("\n| ") >= 3
+    r = run_evaluate("compare", tiny_ckpt / "tiny.pt", tiny_ckpt / "tiny.pt", "--solvers", "heun,em,pc", "--nfe", 6, "--n", 8,
+                     "--out", tmp_path / "compare.md", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    table = (tmp_path / "compare.md").read_text()
+    assert table.count("| em | 6 |") == 2 and table.count("| pc | 6 |") == 2 and table.count("| heun | 35 |") == 2
+    assert table.count("x |") == 2  # heun / best, one row per checkpoint
+    assert run_evaluate("compare", tiny_ckpt / "tiny.pt", "--solvers", "rk4").exit_code == 1
+    r = run_evaluate("compare", tiny_ckpt / "subvp.pt", "--solvers", "ancestral", "--nfe", 2, "--n", 2, "--device", "cpu")
+    assert r.exit_code == 1 and "not defined for SubVPSDE" in r.output, r.output
+    r = run_evaluate("export", tiny_ckpt / "tiny.pt", "--out", tmp_path / "ship.pt", "--n", 0, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    shipped = torch.load(tmp_path / "ship.pt", weights_only=True)
+    assert shipped["model"] is None and shipped["optimizer"] is None
+    original = sgm.load_checkpoint(str(tiny_ckpt / "tiny.pt"))["ema"].state_dict()
+    assert all(torch.equal(v.half(), shipped["ema"][k]) for k, v in original.items() if v.is_floating_point())
+    r = run_evaluate("export", tiny_ckpt / "tiny.pt", "--out", tiny_ckpt / "tiny.pt")
+    assert r.exit_code == 1 and "is the checkpoint itself" in r.output
     for model in ("quick", "tutorial"):
         r = run_evaluate("speed", "--model", model, "--batch-size", 4, "--iters", 2, "--device", "cpu")
         assert r.exit_code == 0, r.output

@@ -164,8 +164,9 @@ def main(preset, device, sde_name, steps, epochs, batch_size, lr, warmup, grad_c
             torch.cuda.set_device(local_rank)
             device = f"cuda:{local_rank}"
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # OMP_NUM_THREADS=1 runs several trainings side by side
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # Linux / other
+        torch.set_num_threads(max(1, cores // world))
     is_main = rank == 0
     out = out or os.path.join("runs", sde_name)
     ckpt_path = os.path.join(out, "ckpt.pt")

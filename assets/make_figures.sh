@@ -1,20 +1,28 @@
 #!/usr/bin/env bash
-# Regenerates every figure in the README from a checkpoint (default: the quick preset's run).
-# First train the model they show:  python train.py --preset quick --conditional --out runs/quick
-# (its last grid, runs/quick/samples_0002500.png, is assets/quick_grid.png). Then:
-# Usage: bash assets/make_figures.sh [CKPT]     (about 40 minutes on 2 CPU cores)
+# Regenerates every table and figure in the README (about 75 minutes on 2 CPU cores).
+# First train the three reference models, side by side (62 minutes on 2 cores):
+#   for s in ve vp subvp; do OMP_NUM_THREADS=1 python train.py --preset quick --conditional --sde $s \
+#       --steps 6000 --ema-decay 0.999 --out runs/$s > runs/$s.out 2>&1 & done; wait
+# Then:  bash assets/make_figures.sh [SDE]      (SDE: the model to ship as checkpoints/fmnist.pt; default subvp)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CK=${1:-runs/quick/ckpt.pt}
-for model in default quick tutorial; do python evaluate.py speed --model $model --batch-size 128 --iters 5 --device cpu; done
-for s in em reverse_diffusion ancestral pc ald ode heun; do python sample.py --ckpt $CK --solver $s --n 64 --out assets/solver_$s.png; done
+BEST=${1:-subvp}
+RUNS="runs/ve/ckpt.pt runs/vp/ckpt.pt runs/subvp/ckpt.pt"
+
+# The SDE x solver table and bits/dim of the three trained models
+python evaluate.py compare $RUNS --solvers heun,ode,em,pc --n 256 --out assets/compare.md
+for ck in $RUNS; do python evaluate.py bpd --ckpt $ck --n 200 --batch-size 100; done
+
+# Ship the chosen model (EMA weights, fp16; prints the FD before and after), then every figure from it
+python evaluate.py export runs/$BEST/ckpt.pt --out checkpoints/fmnist.pt --n 1000
+CK=checkpoints/fmnist.pt
+python evaluate.py sweep --ckpt $CK --n 256 --solvers heun,ode,em --max-steps 100 --out assets/sweep
+for s in em reverse_diffusion pc ald ode heun; do  # (ancestral is not defined for sub-VP)
+  python sample.py --ckpt $CK --solver $s --n 64 --out assets/solver_$s.png; done
 python sample.py --ckpt $CK --solver em --steps 500 --n 16 --out assets/trajectory.gif
 python sample.py --ckpt $CK --solver heun --label all --n 80 --guidance 1 --out assets/label_all.png
 python sample.py --ckpt $CK --solver pc --steps 500 --inpaint left --from-test 0 --n 8 --out assets/inpaint_left.png
 python sample.py --ckpt $CK --solver pc --steps 500 --inpaint center --from-test 8 --n 8 --out assets/inpaint_center.png
 python sample.py --ckpt $CK --interpolate 0 1 --n 10 --out assets/interpolate.png
 python evaluate.py guidance --ckpt $CK --n 100 --out assets/guidance.md
-python evaluate.py fd --ckpt $CK --solver heun --n 1000
-python evaluate.py fd --ckpt $CK --solver ode --n 1000
-python evaluate.py bpd --ckpt $CK --n 200 --batch-size 100
-python evaluate.py sweep --ckpt $CK --n 256 --solvers heun,ode,em --max-steps 100 --out assets/sweep
+cp runs/$BEST/samples_0006000.png assets/train_grid.png
