@@ -390,9 +390,7 @@ def export_command(ckpt, out, half, n, seed, device, data):
         state = sgm.load_checkpoint(ckpt, "cpu")
     except sgm.CheckpointError as e:
         raise click.ClickException(str(e))
-    exported = sgm.EMA(state["model"])
-    if state["ema"] is not None:
-        exported.shadow = state["ema"].state_dict()
+    exported = state["ema"] if state["ema"] is not None else sgm.EMA(state["model"])
     exported.shadow = {k: v.half() if half and v.is_floating_point() else v for k, v in exported.shadow.items()}
     sgm.save_checkpoint(out, config=state["config"], sde=state["sde"], ema=exported, data_range=state["data_range"],
                         step=state["step"], extra={**state["extra"], "exported_from": ckpt, "half": half})
