@@ -354,18 +354,17 @@ def compare_command(ckpts, solvers, nfe, n, out, seed, device, data):
               f"{machine()}, {device}.\n\n")
     table = f"| SDE | checkpoint | solver | NFE | FD | seconds for {n} |\n|---|---|---|---|---|---|\n" + "".join(
         f"| {r['sde']} | {r['ckpt']} | {r['solver']} | {r['nfe']:.0f} | {r['fd']:.2f} | {r['seconds']:.0f} |\n" for r in rows)
-    summary = []
+    ratios = []
     for ckpt in ckpts:
         mine = [r for r in rows if r["ckpt"] == ckpt]
-        slow = [r for r in mine if r["solver"] not in ("heun", "ode")]
+        stochastic = [r for r in mine if r["solver"] in sgm.STOCHASTIC_SOLVERS]
         heun = [r for r in mine if r["solver"] == "heun"]
-        if slow and heun:
-            best = min(slow, key=lambda r: r["fd"])
-            summary.append(f"| {mine[0]['sde']} | {best['fd']:.2f} ({best['solver']}) | {heun[0]['fd']:.2f} | "
-                           f"{heun[0]['fd'] / best['fd']:.2f}x |\n")
-    if summary:
-        summary = [f"\n| SDE | best FD at {nfe} NFE | heun FD (35 NFE) | heun / best |\n|---|---|---|---|\n", *summary]
-    summary = "".join(summary)
+        if stochastic and heun:
+            best = min(stochastic, key=lambda r: r["fd"])
+            ratios.append(f"| {mine[0]['sde']} | {best['fd']:.2f} ({best['solver']}) | {heun[0]['fd']:.2f} | "
+                          f"{heun[0]['fd'] / best['fd']:.2f}x |\n")
+    summary = (f"\n| SDE | best FD at {nfe} NFE | heun FD (35 NFE) | heun / best |\n|---|---|---|---|\n" + "".join(ratios)
+               if ratios else "")
     if out:
         with open(out, "w") as f:
             f.write(header + table + summary)
