@@ -4,17 +4,18 @@ Measure a score-based model: sample quality, test-set bits/dim, quality against 
     python evaluate.py fd --ckpt runs/vp/ckpt.pt --solver heun --steps 18 --n 2000
     python evaluate.py bpd --ckpt runs/vp/ckpt.pt --n 500
     python evaluate.py sweep --ckpt runs/vp/ckpt.pt --n 500 --out sweep     # sweep.md and sweep.png
-    python evaluate.py compare runs/ve/ckpt.pt runs/vp/ckpt.pt runs/subvp/ckpt.pt --n 500   # SDE x solver table
-    python evaluate.py export runs/vp/ckpt.pt                              # EMA-only fp16 checkpoints/fmnist.pt
+    python evaluate.py compare runs/ve/ckpt.pt runs/vp/ckpt.pt --n 500      # SDE x solver table
+    python evaluate.py export runs/vp/ckpt.pt --out my.pt                  # EMA-only, fp16
     python evaluate.py speed
-    python evaluate.py train-classifier                                    # rebuilds checkpoints/classifier.pt
+    python evaluate.py train-classifier                  # rebuilds checkpoints/classifier.pt
 
-FD is the Frechet distance between Gaussians fitted to the 256-d penultimate features of a small FashionMNIST
-classifier (checkpoints/classifier.pt, committed and hash-checked, so every machine scores on the same scale).
-Inception features suit 28x28 grayscale badly and cannot be downloaded here; the numbers are therefore not
-comparable to published FIDs, only to each other. Each FD comes with its floor: N training images against the
-test set, which is what a perfect model would score with the same N.
+FD is the Frechet distance between Gaussians fitted to the 256-d penultimate features of a small
+FashionMNIST classifier (checkpoints/classifier.pt, committed and hash-checked, so every machine
+scores on the same scale). Inception features suit 28x28 grayscale badly and cannot be downloaded
+here; the numbers are therefore not comparable to published FIDs, only to each other. Each FD comes
+with its floor: N training images against the test set, what a perfect model would score with N.
 """
+
 import functools
 import hashlib
 import math
@@ -29,9 +30,8 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import Progress
 
+import data
 import sgm
-from sample import default_checkpoint, load_model, run_solver
-from train import CLASSES, load_fashion_mnist, resolve_device, to_uint8
 
 console = Console(stderr=True, soft_wrap=True)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,17 +42,32 @@ CLASSIFIER_SHA256 = "e4a16879aac282cec5f7be1381fdc19615a1d04e7a8c641bbfd5e62c4e3
 # ------------------------------------------------------------------------------------------------
 # The feature network
 
+
 class Classifier(nn.Module):
     """A small CNN for 1x28x28 images; `features` gives the 256-d penultimate activations."""
 
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
             nn.MaxPool2d(2),  # 14x14
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
             nn.MaxPool2d(2),  # 7x7
-            nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 49, 256), nn.ReLU())
+            nn.Flatten(),
+            nn.Dropout(0.3),
+            nn.Linear(64 * 49, 256),
+            nn.ReLU(),
+        )
         self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(256, 10))
 
     def features(self, images):  # uint8 (B, 1, 28, 28) -> (B, 256)
@@ -70,10 +85,16 @@ def sha256(path):
 def load_classifier(path=CLASSIFIER, expected=None, device="cpu"):
     expected = expected or CLASSIFIER_SHA256
     if not os.path.isfile(path):
-        raise click.ClickException(f"{path}: classifier weights missing; rebuild with `python evaluate.py train-classifier`")
+        raise click.ClickException(
+            f"{path}: classifier weights missing; rebuild them with "
+            "`python evaluate.py train-classifier`"
+        )
     if sha256(path) != expected:
-        raise click.ClickException(f"{path}: sha256 {sha256(path)[:16]}... does not match the expected {expected[:16]}...; "
-                                   f"the file was modified. Restore it (git checkout {os.path.relpath(path, HERE)}) or rebuild it")
+        raise click.ClickException(
+            f"{path}: sha256 {sha256(path)[:16]}... does not match the expected "
+            f"{expected[:16]}...; the file was modified. Restore it "
+            f"(git checkout {os.path.relpath(path, HERE)}) or rebuild it"
+        )
     net = Classifier()
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return net.to(device).eval()
@@ -84,14 +105,15 @@ def features_and_classes(net, images, batch_size=1000):
     device = next(net.parameters()).device
     feats, classes = [], []
     for i in range(0, len(images), batch_size):
-        f = net.features(images[i:i + batch_size].to(device))
+        f = net.features(images[i : i + batch_size].to(device))
         feats.append(f.double().cpu())
         classes.append(net.head(f).argmax(1).cpu())
     return torch.cat(feats), torch.cat(classes)
 
 
 def frechet_distance(feats_a, feats_b):
-    """||mu_a - mu_b||^2 + Tr(C_a + C_b - 2 (C_a C_b)^1/2), with Tr (C_a C_b)^1/2 = sum sqrt(eig(C_a^1/2 C_b C_a^1/2))."""
+    """||mu_a - mu_b||^2 + Tr(C_a + C_b - 2 (C_a C_b)^1/2), where
+    Tr (C_a C_b)^1/2 = sum sqrt(eig(C_a^1/2 C_b C_a^1/2))."""
     mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)
     cov_a, cov_b = torch.cov(feats_a.T), torch.cov(feats_b.T)
     eigval, eigvec = torch.linalg.eigh(cov_a)
@@ -108,22 +130,30 @@ def machine():
     except (OSError, StopIteration):
         pass
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads){gpu}, torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    return f"{cpu} ({os.cpu_count()} cores, {threads} threads){gpu}, torch {torch.__version__}"
 
 
-def generate(model, solver, steps, n, device, batch_size=500, seed=0, progress=None, **kwargs):
-    """n samples as uint8 (n, C, H, W) from model = load_model(...), the mean NFE and the seconds spent."""
-    net, sde, data_range, config = model
-    score = sgm.score_model(net, sde)
+def generate(ckpt, solver, steps, n, device, batch_size=500, seed=0, progress=None, **options):
+    """n samples as uint8 (n, C, H, W) from a loaded checkpoint, the mean NFE and the seconds."""
+    config = ckpt.model_config
     shape = (config.image_channels, config.image_size, config.image_size)
     generator = torch.Generator(device).manual_seed(seed)
     out, nfes, start = [], [], time.time()
     task = progress.add_task(f"{solver} {steps}", total=n) if progress else None
     for i in range(0, n, batch_size):
         b = min(batch_size, n - i)
-        x, nfe = run_solver(sgm.sample, lambda x, t: score(x, t), sde, (b, *shape), solver, steps, generator=generator,
-                            device=device, **kwargs)
-        out.append(to_uint8(x, data_range).cpu())
+        x, nfe = sgm.sample(
+            ckpt.score_fn(),
+            ckpt.sde,
+            (b, *shape),
+            solver,
+            steps,
+            generator=generator,
+            device=device,
+            **options,
+        )
+        out.append(data.to_uint8(x, ckpt.data_range).cpu())
         nfes.append(nfe)
         if progress:
             progress.advance(task, b)
@@ -131,19 +161,19 @@ def generate(model, solver, steps, n, device, batch_size=500, seed=0, progress=N
 
 
 @functools.lru_cache(maxsize=2)
-def reference_features(data, device):
-    """The classifier, and the features and labels of the 10,000 test images (computed once per process)."""
+def reference_features(data_dir, device):
+    """The classifier, and the features and labels of the 10,000 test images (once per process)."""
     net = load_classifier(device=device)
-    images, labels = load_fashion_mnist(data, train=False)
+    images, labels = data.load_fashion_mnist(data_dir, train=False)
     return net, features_and_classes(net, images)[0], labels
 
 
 class Scorer:
-    """FD against the test set (or one class of it), with the classifier and the test features computed once."""
+    """FD against the test set (or one class of it); classifier and test features computed once."""
 
-    def __init__(self, data, device):
-        self.data, self.train = data, None
-        self.net, self.test_feats, self.test_labels = reference_features(data, device)
+    def __init__(self, data_dir, device):
+        self.data_dir, self.train = data_dir, None
+        self.net, self.test_feats, self.test_labels = reference_features(data_dir, device)
 
     def fd(self, images, label=None):
         feats, classes = features_and_classes(self.net, images)
@@ -151,9 +181,9 @@ class Scorer:
         return frechet_distance(feats, reference), torch.bincount(classes, minlength=10)
 
     def floor(self, n, seed=0, label=None):
-        """FD of n training images (of one class, if given): what a perfect model would score with n samples."""
+        """FD of n training images (of one class, if given): a perfect model's score with n."""
         if self.train is None:
-            self.train = load_fashion_mnist(self.data, train=True)
+            self.train = data.load_fashion_mnist(self.data_dir, train=True)
         images, labels = self.train
         if label is not None:
             images = images[labels == label]
@@ -164,14 +194,34 @@ class Scorer:
 # ------------------------------------------------------------------------------------------------
 # Commands
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+
+class Group(click.Group):
+    """The one error handler: library errors (bad checkpoint, a solver the SDE lacks, ...) become
+    one line, whichever command raised them."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except sgm.SGMError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(
+    cls=Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True}
+)
 def main():
     """Evaluate score-based models on FashionMNIST."""
 
 
-ckpt_option = click.option("--ckpt", type=click.Path(dir_okay=False), default=None, help="Checkpoint [as sample.py].")
+ckpt_option = click.option(
+    "--ckpt",
+    "ckpt_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Checkpoint [as sample.py].",
+)
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
-data_option = click.option("--data", type=click.Path(file_okay=False), default="data")
+data_option = click.option("--data", "data_dir", type=click.Path(file_okay=False), default="data")
 
 
 @main.command("fd")
@@ -184,20 +234,35 @@ data_option = click.option("--data", type=click.Path(file_okay=False), default="
 @click.option("--seed", type=int, default=0)
 @device_option
 @data_option
-def fd_command(ckpt, solver, steps, n, rtol, atol, seed, device, data):
-    """Frechet distance of N samples to the test set, the real-data floor, and the class histogram."""
-    device, ckpt = resolve_device(device), ckpt or default_checkpoint()
+def fd_command(ckpt_path, solver, steps, n, rtol, atol, seed, device, data_dir):
+    """Frechet distance of N samples to the test set, the real-data floor, the class histogram."""
+    device, ckpt_path = data.resolve_device(device), ckpt_path or data.default_checkpoint()
     steps = steps or (18 if solver == "heun" else 1000)
-    scorer = Scorer(data, device)
+    scorer = Scorer(data_dir, device)
     with Progress(console=console) as progress:
-        images, nfe, seconds = generate(load_model(ckpt, device), solver, steps, n, device, seed=seed, progress=progress,
-                                        rtol=rtol, atol=atol)
+        images, nfe, seconds = generate(
+            sgm.load_checkpoint(ckpt_path, device),
+            solver,
+            steps,
+            n,
+            device,
+            seed=seed,
+            progress=progress,
+            rtol=rtol,
+            atol=atol,
+        )
     fd, hist = scorer.fd(images)
     floor = scorer.floor(n, seed)
     setting = f"rtol {rtol:g} atol {atol:g}" if solver == "ode" else f"steps {steps}"
-    console.print(f"FD {fd:.2f} (floor {floor:.2f}: {n} training images vs test) | {solver}, {setting}, {nfe:.0f} NFE, "
-                  f"{n} samples in {seconds:.0f} s | {ckpt} | {machine()}, {device}")
-    console.print("predicted classes: " + ", ".join(f"{c} {k}" for c, k in zip(CLASSES, hist.tolist())))
+    console.print(
+        f"FD {fd:.2f} (floor {floor:.2f}: {n} training images vs test) | {solver}, {setting}, "
+        f"{nfe:.0f} NFE, "
+        f"{n} samples in {seconds:.0f} s | {ckpt_path} | {machine()}, {device}"
+    )
+    console.print(
+        "predicted classes: "
+        + ", ".join(f"{c} {k}" for c, k in zip(data.CLASSES, hist.tolist(), strict=True))
+    )
 
 
 @main.command("bpd")
@@ -209,39 +274,56 @@ def fd_command(ckpt, solver, steps, n, rtol, atol, seed, device, data):
 @click.option("--seed", type=int, default=0)
 @device_option
 @data_option
-def bpd_command(ckpt, n, batch_size, rtol, atol, seed, device, data):
+def bpd_command(ckpt_path, n, batch_size, rtol, atol, seed, device, data_dir):
     """Test-set bits/dim with uniform dequantization and the Hutchinson trace estimator."""
-    device, ckpt = resolve_device(device), ckpt or default_checkpoint()
-    net, sde, data_range, _ = load_model(ckpt, device)
-    score = sgm.score_model(net, sde)
-    images, _ = load_fashion_mnist(data, train=False)
+    device, ckpt_path = data.resolve_device(device), ckpt_path or data.default_checkpoint()
+    ckpt = sgm.load_checkpoint(ckpt_path, device)
+    images, _ = data.load_fashion_mnist(data_dir, train=False)
     images = images[:n] if n else images
     generator = torch.Generator(device).manual_seed(seed)
     values, nfes, start = [], [], time.time()
     with Progress(console=console) as progress:
         task = progress.add_task("bits/dim", total=len(images))
         for i in range(0, len(images), batch_size):
-            bpd, nfe = sgm.bits_per_dim(lambda x, t: score(x, t), sde, images[i:i + batch_size].to(device), data_range,
-                                        generator=generator, rtol=rtol, atol=atol)
+            batch = images[i : i + batch_size].to(device)
+            bpd, nfe = sgm.bits_per_dim(
+                ckpt.score_fn(),
+                ckpt.sde,
+                batch,
+                ckpt.data_range,
+                generator=generator,
+                rtol=rtol,
+                atol=atol,
+            )
             values.append(bpd.cpu())
             nfes.append(nfe)
             progress.advance(task, len(bpd))
     values = torch.cat(values)
     se = float(values.std() / math.sqrt(len(values))) if len(values) > 1 else float("nan")
-    console.print(f"bits/dim {values.mean():.3f} +- {se:.3f} (standard error) over {len(values)} test images, "
-                  f"{sum(nfes) / len(nfes):.0f} NFE per batch, {time.time() - start:.0f} s, rtol {rtol} atol {atol} | "
-                  f"{ckpt} | {machine()}, {device}")
+    console.print(
+        f"bits/dim {values.mean():.3f} +- {se:.3f} (standard error) over {len(values)} test "
+        f"images, {sum(nfes) / len(nfes):.0f} NFE per batch, {time.time() - start:.0f} s, "
+        f"rtol {rtol} atol {atol} | "
+        f"{ckpt_path} | {machine()}, {device}"
+    )
 
 
-SWEEP = {"heun": (5, 10, 18, 35, 50), "em": (10, 20, 50, 100, 1000), "reverse_diffusion": (10, 20, 50, 100, 1000),
-         "ancestral": (10, 20, 50, 100, 1000), "pc": (10, 20, 50, 100, 500), "ald": (10, 20, 50, 100, 500),
-         "ode": (1e-2, 1e-3, 1e-4, 1e-5)}
+SWEEP = {
+    "heun": (5, 10, 18, 35, 50),
+    "em": (10, 20, 50, 100, 1000),
+    "reverse_diffusion": (10, 20, 50, 100, 1000),
+    "ancestral": (10, 20, 50, 100, 1000),
+    "pc": (10, 20, 50, 100, 500),
+    "ald": (10, 20, 50, 100, 500),
+    "ode": (1e-2, 1e-3, 1e-4, 1e-5),
+}
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
 
 
 def plot_sweep(rows, floor, path, title):
     """A log-x line plot of FD against NFE, drawn with PIL."""
     from PIL import Image, ImageDraw
+
     W, H, left, right, top, bottom = 760, 480, 70, 170, 40, 50
     image = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(image)
@@ -251,22 +333,24 @@ def plot_sweep(rows, floor, path, title):
     y_lo, y_hi = 0.0, max(fds) * 1.05 or 1.0
 
     def xy(nfe, fd):
-        return (left + (math.log10(nfe) - x_lo) / (x_hi - x_lo) * (W - left - right),
-                H - bottom - (min(fd, y_hi) - y_lo) / (y_hi - y_lo) * (H - top - bottom))
+        return (
+            left + (math.log10(nfe) - x_lo) / (x_hi - x_lo) * (W - left - right),
+            H - bottom - (min(fd, y_hi) - y_lo) / (y_hi - y_lo) * (H - top - bottom),
+        )
 
     draw.rectangle([left, top, W - right, H - bottom], outline="black")
     for p in range(math.ceil(x_lo), math.floor(x_hi) + 1):
         for m in (1, 2, 5):
-            if x_lo <= math.log10(m * 10 ** p) <= x_hi:
-                x = xy(m * 10 ** p, 0)[0]
+            if x_lo <= math.log10(m * 10**p) <= x_hi:
+                x = xy(m * 10**p, 0)[0]
                 draw.line([x, H - bottom, x, H - bottom + 5], fill="black")
-                draw.text((x - 8, H - bottom + 8), f"{m * 10 ** p:g}", fill="black")
+                draw.text((x - 8, H - bottom + 8), f"{m * 10**p:g}", fill="black")
     for k in range(6):
         fd = y_lo + k * (y_hi - y_lo) / 5
-        y = xy(10 ** x_lo, fd)[1]
+        y = xy(10**x_lo, fd)[1]
         draw.line([left - 5, y, left, y], fill="black")
         draw.text((8, y - 6), f"{fd:.1f}", fill="black")
-    y = xy(10 ** x_lo, floor)[1]
+    y = xy(10**x_lo, floor)[1]
     draw.line([left, y, W - right, y], fill="gray")
     draw.text((W - right + 8, y - 6), "real-data floor", fill="gray")
     for k, solver in enumerate(dict.fromkeys(r["solver"] for r in rows)):
@@ -278,147 +362,253 @@ def plot_sweep(rows, floor, path, title):
             draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
         draw.text((W - right + 8, top + 16 * k), solver, fill=color)
     draw.text((left, 12), title, fill="black")
-    draw.text((left + (W - left - right) // 2 - 60, H - 22), "NFE per sample (log scale)", fill="black")
-    image.save(path)
+    draw.text(
+        (left + (W - left - right) // 2 - 60, H - 22), "NFE per sample (log scale)", fill="black"
+    )
+    sgm.atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 @main.command("sweep")
 @ckpt_option
 @click.option("--n", type=click.IntRange(2), default=1000, help="Samples per point.")
 @click.option("--solvers", default=",".join(SWEEP), help="Comma-separated.")
-@click.option("--max-steps", type=click.IntRange(1), default=1000, help="Skip step counts above this.")
+@click.option(
+    "--max-steps", type=click.IntRange(1), default=1000, help="Skip step counts above this."
+)
 @click.option("--out", default="sweep", help="Writes OUT.md and OUT.png.")
 @click.option("--seed", type=int, default=0)
 @device_option
 @data_option
-def sweep_command(ckpt, n, solvers, max_steps, out, seed, device, data):
+def sweep_command(ckpt_path, n, solvers, max_steps, out, seed, device, data_dir):
     """FD against NFE for every solver at several step counts (the ODE at several tolerances)."""
-    device, ckpt = resolve_device(device), ckpt or default_checkpoint()
+    device, ckpt_path = data.resolve_device(device), ckpt_path or data.default_checkpoint()
     chosen = [s.strip() for s in solvers.split(",") if s.strip()]
     for s in chosen:
         if s not in SWEEP:
             raise click.ClickException(f"unknown solver {s!r}; choose from {', '.join(SWEEP)}")
-    scorer, model = Scorer(data, device), load_model(ckpt, device)
+    scorer, ckpt = Scorer(data_dir, device), sgm.load_checkpoint(ckpt_path, device)
     floor, rows = scorer.floor(n, seed), []
     with Progress(console=console) as progress:
         for solver in chosen:
             for setting in SWEEP[solver]:
                 if solver == "ode":
-                    images, nfe, seconds = generate(model, solver, 1, n, device, seed=seed, progress=progress, rtol=setting, atol=setting)
+                    images, nfe, seconds = generate(
+                        ckpt,
+                        solver,
+                        1,
+                        n,
+                        device,
+                        seed=seed,
+                        progress=progress,
+                        rtol=setting,
+                        atol=setting,
+                    )
                 elif setting <= max_steps:
-                    images, nfe, seconds = generate(model, solver, setting, n, device, seed=seed, progress=progress)
+                    images, nfe, seconds = generate(
+                        ckpt, solver, setting, n, device, seed=seed, progress=progress
+                    )
                 else:
                     continue
-                rows.append({"solver": solver, "setting": setting, "nfe": nfe, "fd": scorer.fd(images)[0], "seconds": seconds})
-                progress.console.print(f"{solver} {setting}: FD {rows[-1]['fd']:.2f} at {nfe:.0f} NFE")
-    header = (f"FD against NFE, {n} samples per point, floor {floor:.2f} ({n} training images). "
-              f"Checkpoint {ckpt}; {machine()}, {device}.\n\n")
+                rows.append(
+                    {
+                        "solver": solver,
+                        "setting": setting,
+                        "nfe": nfe,
+                        "fd": scorer.fd(images)[0],
+                        "seconds": seconds,
+                    }
+                )
+                progress.console.print(
+                    f"{solver} {setting}: FD {rows[-1]['fd']:.2f} at {nfe:.0f} NFE"
+                )
+    header = (
+        f"FD against NFE, {n} samples per point, floor {floor:.2f} ({n} training images). "
+        f"Checkpoint {ckpt_path}; {machine()}, {device}.\n\n"
+    )
     table = "| solver | steps / tol | NFE | FD | seconds |\n|---|---|---|---|---|\n" + "".join(
-        f"| {r['solver']} | {r['setting']:g} | {r['nfe']:.0f} | {r['fd']:.2f} | {r['seconds']:.1f} |\n" for r in rows)
-    with open(out + ".md", "w") as f:
-        f.write(header + table)
-    plot_sweep(rows, floor, out + ".png", f"FD vs NFE ({n} samples, {os.path.basename(ckpt)})")
+        f"| {r['solver']} | {r['setting']:g} | {r['nfe']:.0f} | {r['fd']:.2f} "
+        f"| {r['seconds']:.1f} |\n"
+        for r in rows
+    )
+    data.save_text(header + table, out + ".md")
+    plot_sweep(rows, floor, out + ".png", f"FD vs NFE ({n} samples, {os.path.basename(ckpt_path)})")
     console.print(header + table + f"wrote {out}.md and {out}.png")
 
 
+def heun_versus_stochastic(rows, ckpt_paths, nfe):
+    """Per checkpoint: the best stochastic solver's FD, heun's and their ratio, as markdown."""
+    ratios = []
+    for ckpt_path in ckpt_paths:
+        mine = [r for r in rows if r["ckpt_path"] == ckpt_path]
+        stochastic = [r for r in mine if r["solver"] in sgm.STOCHASTIC_SOLVERS]
+        heun = [r for r in mine if r["solver"] == "heun"]
+        if stochastic and heun:
+            best = min(stochastic, key=lambda r: r["fd"])
+            ratios.append(
+                f"| {mine[0]['sde']} | {best['fd']:.2f} ({best['solver']}) | {heun[0]['fd']:.2f} | "
+                f"{heun[0]['fd'] / best['fd']:.2f}x |\n"
+            )
+    if not ratios:
+        return ""
+    header = (
+        f"\n| SDE | best FD at {nfe} NFE | heun FD (35 NFE) | heun / best |\n|---|---|---|---|\n"
+    )
+    return header + "".join(ratios)
+
+
 @main.command("compare")
-@click.argument("ckpts", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("ckpt_paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--solvers", default="heun,ode,em,pc", help="Comma-separated.")
-@click.option("--nfe", type=click.IntRange(2), default=1000, help="Evaluations per sample for the stochastic solvers.")
+@click.option(
+    "--nfe",
+    type=click.IntRange(2),
+    default=1000,
+    help="Evaluations per sample for the stochastic solvers.",
+)
 @click.option("--n", type=click.IntRange(2), default=1000, help="Samples per cell.")
 @click.option("--out", default=None, help="Also write the tables to this markdown file.")
 @click.option("--seed", type=int, default=0)
 @device_option
 @data_option
-def compare_command(ckpts, solvers, nfe, n, out, seed, device, data):
-    """The SDE x solver table: FD, NFE and seconds of each checkpoint with each solver at its standard setting:
-    heun at 18 steps (35 NFE), the ODE adaptive (rtol = atol = 1e-5), the stochastic solvers at --nfe evaluations."""
-    device = resolve_device(device)
+def compare_command(ckpt_paths, solvers, nfe, n, out, seed, device, data_dir):
+    """The SDE x solver table: FD, NFE and seconds of each checkpoint with each solver at its
+    standard setting: heun at 18 steps (35 NFE), the ODE adaptive (rtol = atol = 1e-5), the
+    stochastic solvers at --nfe evaluations."""
+    device = data.resolve_device(device)
     chosen = [s.strip() for s in solvers.split(",") if s.strip()]
     for s in chosen:
         if s not in sgm.SOLVERS:
-            raise click.ClickException(f"unknown solver {s!r}; choose from {', '.join(sgm.SOLVERS)}")
+            raise click.ClickException(
+                f"unknown solver {s!r}; choose from {', '.join(sgm.SOLVERS)}"
+            )
     # pc and ald spend two evaluations per step (predictor or Langevin step, and one corrector step)
-    steps = {s: 18 if s == "heun" else 1 if s == "ode" else nfe // (2 if s in ("pc", "ald") else 1) for s in chosen}
-    scorer, rows = Scorer(data, device), []
+    steps = {
+        s: 18 if s == "heun" else 1 if s == "ode" else nfe // (2 if s in ("pc", "ald") else 1)
+        for s in chosen
+    }
+    scorer, rows = Scorer(data_dir, device), []
     with Progress(console=console) as progress:
-        for ckpt in ckpts:
-            model = load_model(ckpt, device)
-            sde_name = type(model[1]).__name__
+        for ckpt_path in ckpt_paths:
+            ckpt = sgm.load_checkpoint(ckpt_path, device)
+            sde_name = type(ckpt.sde).__name__
             for solver in chosen:
-                images, spent, seconds = generate(model, solver, steps[solver], n, device, seed=seed, progress=progress)
-                rows.append({"ckpt": ckpt, "sde": sde_name, "solver": solver, "nfe": spent, "fd": scorer.fd(images)[0], "seconds": seconds})
-                progress.console.print(f"{sde_name} {solver}: FD {rows[-1]['fd']:.2f} at {spent:.0f} NFE, {seconds:.0f} s")
+                images, spent, seconds = generate(
+                    ckpt, solver, steps[solver], n, device, seed=seed, progress=progress
+                )
+                fd = scorer.fd(images)[0]
+                row = dict(
+                    ckpt_path=ckpt_path,
+                    sde=sde_name,
+                    solver=solver,
+                    nfe=spent,
+                    fd=fd,
+                    seconds=seconds,
+                )
+                rows.append(row)
+                progress.console.print(
+                    f"{sde_name} {solver}: FD {rows[-1]['fd']:.2f} at {spent:.0f} NFE, "
+                    f"{seconds:.0f} s"
+                )
     floor = scorer.floor(n, seed)
-    header = (f"{n} samples per cell (seed {seed}), real-data floor {floor:.2f} ({n} training images vs test); "
-              f"{machine()}, {device}.\n\n")
-    table = f"| SDE | checkpoint | solver | NFE | FD | seconds for {n} |\n|---|---|---|---|---|---|\n" + "".join(
-        f"| {r['sde']} | {r['ckpt']} | {r['solver']} | {r['nfe']:.0f} | {r['fd']:.2f} | {r['seconds']:.0f} |\n" for r in rows)
-    ratios = []
-    for ckpt in ckpts:
-        mine = [r for r in rows if r["ckpt"] == ckpt]
-        stochastic = [r for r in mine if r["solver"] in sgm.STOCHASTIC_SOLVERS]
-        heun = [r for r in mine if r["solver"] == "heun"]
-        if stochastic and heun:
-            best = min(stochastic, key=lambda r: r["fd"])
-            ratios.append(f"| {mine[0]['sde']} | {best['fd']:.2f} ({best['solver']}) | {heun[0]['fd']:.2f} | "
-                          f"{heun[0]['fd'] / best['fd']:.2f}x |\n")
-    summary = (f"\n| SDE | best FD at {nfe} NFE | heun FD (35 NFE) | heun / best |\n|---|---|---|---|\n" + "".join(ratios)
-               if ratios else "")
+    header = (
+        f"{n} samples per cell (seed {seed}), real-data floor {floor:.2f} "
+        f"({n} training images vs test); "
+        f"{machine()}, {device}.\n\n"
+    )
+    table = (
+        f"| SDE | checkpoint | solver | NFE | FD | seconds for {n} |\n|---|---|---|---|---|---|\n"
+        + "".join(
+            f"| {r['sde']} | {r['ckpt_path']} | {r['solver']} | {r['nfe']:.0f} | {r['fd']:.2f} "
+            f"| {r['seconds']:.0f} |\n"
+            for r in rows
+        )
+    )
+    summary = heun_versus_stochastic(rows, ckpt_paths, nfe)
     if out:
-        with open(out, "w") as f:
-            f.write(header + table + summary)
+        data.save_text(header + table + summary, out)
     console.print(header + table + summary)
 
 
 @main.command("export")
-@click.argument("ckpt", type=click.Path(dir_okay=False))
-@click.option("--out", default=os.path.join(HERE, "checkpoints", "fmnist.pt"))
-@click.option("--half/--no-half", default=True, help="Store float weights as fp16 (cast back to fp32 on load).")
-@click.option("--n", type=click.IntRange(0), default=1000, help="Samples for the FD check before and after; 0 skips it.")
+@click.argument("ckpt_path", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The exported file.")
+@click.option(
+    "--half/--no-half",
+    default=True,
+    help="Store float weights as fp16 (cast back to fp32 on load).",
+)
+@click.option(
+    "--n",
+    type=click.IntRange(0),
+    default=1000,
+    help="Samples for the FD check before and after; 0 skips it.",
+)
 @click.option("--seed", type=int, default=0)
 @device_option
 @data_option
-def export_command(ckpt, out, half, n, seed, device, data):
-    """Write a training checkpoint's EMA weights alone (no optimizer, no raw weights), for shipping, and
+def export_command(ckpt_path, out, half, n, seed, device, data_dir):
+    """Write a training checkpoint's EMA weights alone (no optimizer, no raw weights), to ship, and
     compare the FD of the exported weights with the original's on the same noise (heun, 35 NFE)."""
-    device = resolve_device(device)
-    if os.path.abspath(out) == os.path.abspath(ckpt):
-        raise click.ClickException(f"--out {out} is the checkpoint itself; write the export elsewhere")
-    try:
-        state = sgm.load_checkpoint(ckpt, "cpu")
-    except sgm.CheckpointError as e:
-        raise click.ClickException(str(e))
-    exported = state["ema"] if state["ema"] is not None else sgm.EMA(state["model"])
-    exported.shadow = {k: v.half() if half and v.is_floating_point() else v for k, v in exported.shadow.items()}
-    sgm.save_checkpoint(out, config=state["config"], sde=state["sde"], ema=exported, data_range=state["data_range"],
-                        step=state["step"], extra={**state["extra"], "exported_from": ckpt, "half": half})
-    console.print(f"wrote {out}: {os.path.getsize(out) / 1e6:.2f} MB, EMA weights of {ckpt} at step {state['step']}"
-                  f"{' in fp16' if half else ''}")
+    device = data.resolve_device(device)
+    if os.path.abspath(out) == os.path.abspath(ckpt_path):
+        raise click.ClickException(
+            f"--out {out} is the checkpoint itself; write the export elsewhere"
+        )
+    exported = sgm.load_checkpoint(ckpt_path, "cpu")  # the EMA weights, where the file has them
+    exported.is_ema = True  # stored as the EMA weights, alone
+    exported.extra = {**exported.extra, "exported_from": ckpt_path, "half": half}
+    if half:
+        exported.net.half()  # floats to fp16; load_checkpoint casts them back to fp32
+    sgm.save_checkpoint(out, exported)
+    console.print(
+        f"wrote {out}: {os.path.getsize(out) / 1e6:.2f} MB, EMA weights of {ckpt_path} at step "
+        f"{exported.step}{' in fp16' if half else ''}"
+    )
     if n:
-        scorer = Scorer(data, device)
-        fds = [scorer.fd(generate(load_model(path, device), "heun", 18, n, device, seed=seed)[0])[0] for path in (ckpt, out)]
-        console.print(f"FD with heun, 35 NFE, {n} samples: {fds[0]:.2f} original, {fds[1]:.2f} exported "
-                      f"| {machine()}, {device}")
+        scorer = Scorer(data_dir, device)
+        fds = [
+            scorer.fd(
+                generate(sgm.load_checkpoint(path, device), "heun", 18, n, device, seed=seed)[0]
+            )[0]
+            for path in (ckpt_path, out)
+        ]
+        console.print(
+            f"FD with heun, 35 NFE, {n} samples: {fds[0]:.2f} original, {fds[1]:.2f} exported "
+            f"| {machine()}, {device}"
+        )
 
 
 class TutorialScoreNet(nn.Module):
-    """The time-dependent U-Net of Song's widely used score-SDE tutorial notebook (channels 32-64-128-256,
+    """The time-dependent U-Net of Song's widely used score-SDE tutorial (channels 32-64-128-256,
     ~1.1 M parameters), rebuilt here only to compare training throughput at the same batch size."""
 
     def __init__(self, channels=(32, 64, 128, 256), embed_dim=256):
         super().__init__()
         c = channels
-        self.embed = nn.Sequential(sgm.GaussianFourierFeatures(embed_dim, 30.0), nn.Linear(embed_dim, embed_dim))
-        self.convs = nn.ModuleList([nn.Conv2d(1, c[0], 3, 1, bias=False), nn.Conv2d(c[0], c[1], 3, 2, bias=False),
-                                    nn.Conv2d(c[1], c[2], 3, 2, bias=False), nn.Conv2d(c[2], c[3], 3, 2, bias=False)])
-        self.tconvs = nn.ModuleList([nn.ConvTranspose2d(c[3], c[2], 3, 2, bias=False),
-                                     nn.ConvTranspose2d(2 * c[2], c[1], 3, 2, bias=False, output_padding=1),
-                                     nn.ConvTranspose2d(2 * c[1], c[0], 3, 2, bias=False, output_padding=1)])
+        self.embed = nn.Sequential(
+            sgm.GaussianFourierFeatures(embed_dim, 30.0), nn.Linear(embed_dim, embed_dim)
+        )
+        self.convs = nn.ModuleList(
+            [
+                nn.Conv2d(1, c[0], 3, 1, bias=False),
+                nn.Conv2d(c[0], c[1], 3, 2, bias=False),
+                nn.Conv2d(c[1], c[2], 3, 2, bias=False),
+                nn.Conv2d(c[2], c[3], 3, 2, bias=False),
+            ]
+        )
+        self.tconvs = nn.ModuleList(
+            [
+                nn.ConvTranspose2d(c[3], c[2], 3, 2, bias=False),
+                nn.ConvTranspose2d(2 * c[2], c[1], 3, 2, bias=False, output_padding=1),
+                nn.ConvTranspose2d(2 * c[1], c[0], 3, 2, bias=False, output_padding=1),
+            ]
+        )
         self.final = nn.ConvTranspose2d(2 * c[0], 1, 3, 1)
         outs = (c[0], c[1], c[2], c[3], c[2], c[1], c[0])
         self.denses = nn.ModuleList([nn.Linear(embed_dim, o) for o in outs])
-        self.norms = nn.ModuleList([nn.GroupNorm(4 if o == c[0] and k == 0 else 32, o) for k, o in enumerate(outs)])
+        self.norms = nn.ModuleList(
+            [nn.GroupNorm(4 if o == c[0] and k == 0 else 32, o) for k, o in enumerate(outs)]
+        )
 
     def forward(self, x, t, labels=None):
         emb = F.silu(self.embed(t))
@@ -442,14 +632,16 @@ class TutorialScoreNet(nn.Module):
 @click.option("--seed", type=int, default=0)
 @device_option
 @data_option
-def guidance_command(ckpt, weights, n, solver, steps, out, seed, device, data):
-    """Class accuracy (under the evaluation classifier) and per-class FD of guided samples, for several w."""
-    device, ckpt = resolve_device(device), ckpt or default_checkpoint()
-    net, sde, data_range, config = load_model(ckpt, device)
+def guidance_command(ckpt_path, weights, n, solver, steps, out, seed, device, data_dir):
+    """Class accuracy (by the evaluation classifier) and per-class FD of guided samples, per w."""
+    device, ckpt_path = data.resolve_device(device), ckpt_path or data.default_checkpoint()
+    ckpt = sgm.load_checkpoint(ckpt_path, device)
+    config = ckpt.model_config
     if not config.num_classes:
-        raise click.ClickException(f"{ckpt}: an unconditional checkpoint; train one with train.py --conditional")
-    score = sgm.score_model(net, sde)
-    scorer = Scorer(data, device)
+        raise click.ClickException(
+            f"{ckpt_path}: an unconditional checkpoint; train one with train.py --conditional"
+        )
+    scorer = Scorer(data_dir, device)
     ws = [float(w) for w in weights.split(",")]
     floors = [scorer.floor(n, seed, label=c) for c in range(10)]
     rows = []
@@ -460,43 +652,75 @@ def guidance_command(ckpt, weights, n, solver, steps, out, seed, device, data):
             accuracy, fds = [], []
             for c in range(10):
                 labels = torch.full((n,), c, device=device)
-                x, _ = sgm.sample(sgm.guided_score(score, labels, w), sde, (n, 1, config.image_size, config.image_size), solver, steps,
-                                  generator=generator, device=device)
-                fd, histogram = scorer.fd(to_uint8(x, data_range).cpu(), label=c)
+                shape = (n, config.image_channels, config.image_size, config.image_size)
+                x, _ = sgm.sample(
+                    ckpt.score_fn(labels, w),
+                    ckpt.sde,
+                    shape,
+                    solver,
+                    steps,
+                    generator=generator,
+                    device=device,
+                )
+                fd, histogram = scorer.fd(data.to_uint8(x, ckpt.data_range).cpu(), label=c)
                 accuracy.append(float(histogram[c]) / n)
                 fds.append(fd)
                 progress.advance(task)
             rows.append((w, sum(accuracy) / 10, fds))
-    table = ("| w | class accuracy | " + " | ".join(f"FD {name}" for name in CLASSES) + " |\n|---|---|" + "---|" * 10 + "\n"
-             + "".join(f"| {w:g} | {acc:.3f} | " + " | ".join(f"{fd:.1f}" for fd in fds) + " |\n" for w, acc, fds in rows)
-             + "| floor | | " + " | ".join(f"{fd:.1f}" for fd in floors) + " |\n")
-    header = f"Guided samples: {solver}, {steps} steps, {n} per class; {ckpt}; {machine()}, {device}.\n\n"
+    table = (
+        "| w | class accuracy | "
+        + " | ".join(f"FD {name}" for name in data.CLASSES)
+        + " |\n|---|---|"
+        + "---|" * 10
+        + "\n"
+        + "".join(
+            f"| {w:g} | {acc:.3f} | " + " | ".join(f"{fd:.1f}" for fd in fds) + " |\n"
+            for w, acc, fds in rows
+        )
+        + "| floor | | "
+        + " | ".join(f"{fd:.1f}" for fd in floors)
+        + " |\n"
+    )
+    header = f"Guided samples: {solver}, {steps} steps, {n} per class; {ckpt_path}; "
+    header += f"{machine()}, {device}.\n\n"
     if out:
-        with open(out, "w") as f:
-            f.write(header + table)
+        data.save_text(header + table, out)
     console.print(header + table)
 
 
 @main.command("speed")
 @click.option("--batch-size", type=click.IntRange(1), default=128)
-@click.option("--channels", type=click.IntRange(4), default=None, help="Model width [the default model's].")
-@click.option("--model", type=click.Choice(["default", "quick", "tutorial"]), default="default",
-              help="default / quick: train.py's presets; tutorial: the ScoreNet of Song's popular tutorial, for comparison.")
+@click.option(
+    "--channels", type=click.IntRange(4), default=None, help="Model width [the default model's]."
+)
+@click.option(
+    "--model",
+    type=click.Choice(["default", "quick", "tutorial"]),
+    default="default",
+    help="default / quick: train.py's presets; tutorial: the ScoreNet of Song's popular tutorial.",
+)
 @click.option("--iters", type=click.IntRange(2), default=10)
 @device_option
 def speed_command(batch_size, channels, model, iters, device):
     """Training and sampling throughput (img/s) of a freshly initialised model on this device."""
-    from train import PRESETS
-    device = resolve_device(device)
-    settings = PRESETS["quick" if model == "quick" else "default"]
+    device = data.resolve_device(device)
+    cfg = sgm.TrainConfig(**sgm.PRESETS["quick" if model == "quick" else "default"])
     if model == "tutorial":
         net = TutorialScoreNet()
     else:
-        net = sgm.UNet(sgm.ModelConfig(channels=channels or settings["channels"], channel_mult=settings["channel_mult"],
-                                       num_res_blocks=settings["num_res_blocks"], dropout=settings["dropout"]))
+        net = sgm.UNet(
+            sgm.ModelConfig(
+                channels=channels or cfg.channels,
+                channel_mult=cfg.channel_mult,
+                num_res_blocks=cfg.num_res_blocks,
+                dropout=cfg.dropout,
+            )
+        )
     net = net.to(device).to(memory_format=torch.channels_last)
     sde, opt = sgm.VPSDE(), torch.optim.Adam(net.parameters(), 2e-4)
-    x = torch.randn(batch_size, 1, 28, 28, device=device).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch_size, 1, 28, 28, device=device).contiguous(
+        memory_format=torch.channels_last
+    )
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
 
     def timed(fn):
@@ -526,9 +750,11 @@ def speed_command(batch_size, channels, model, iters, device):
 
     train_rate, eval_rate = timed(train_step), timed(sample_step)
     params = sum(p.numel() for p in net.parameters()) / 1e6
-    console.print(f"{model} model ({params:.2f} M parameters), batch {batch_size}: "
-                  f"training {train_rate:.0f} img/s, one score evaluation {eval_rate:.0f} img/s "
-                  f"(heun at 35 NFE: {eval_rate / 35:.1f} img/s) | {machine()}, {device}")
+    console.print(
+        f"{model} model ({params:.2f} M parameters), batch {batch_size}: "
+        f"training {train_rate:.0f} img/s, one score evaluation {eval_rate:.0f} img/s "
+        f"(heun at 35 NFE: {eval_rate / 35:.1f} img/s) | {machine()}, {device}"
+    )
 
 
 @main.command("train-classifier")
@@ -537,24 +763,26 @@ def speed_command(batch_size, channels, model, iters, device):
 @click.option("--seed", type=int, default=0)
 @device_option
 @data_option
-def train_classifier_command(epochs, out, seed, device, data):
-    """Train the feature classifier (a few CPU minutes; needs >= 92% test accuracy) and print its sha256."""
-    device = resolve_device(device)
+def train_classifier_command(epochs, out, seed, device, data_dir):
+    """Train the feature classifier (a few CPU minutes; needs 92% test accuracy), print its hash."""
+    device = data.resolve_device(device)
     torch.manual_seed(seed)
-    images, labels = load_fashion_mnist(data, train=True)
-    test_images, test_labels = load_fashion_mnist(data, train=False)
+    images, labels = data.load_fashion_mnist(data_dir, train=True)
+    test_images, test_labels = data.load_fashion_mnist(data_dir, train=False)
     net = Classifier().to(device)
     steps = epochs * (len(images) // 128)
     opt = torch.optim.AdamW(net.parameters(), 2e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
     with Progress(console=console) as progress:
         task = progress.add_task("classifier", total=steps)
-        for epoch in range(epochs):
+        for _ in range(epochs):
             perm = torch.randperm(len(images))
             for i in range(len(images) // 128):
-                idx = perm[i * 128:(i + 1) * 128]
+                idx = perm[i * 128 : (i + 1) * 128]
                 batch = images[idx]
-                flip = torch.rand(len(idx)) < 0.5  # horizontal flips: garments are left-right symmetric
+                flip = (
+                    torch.rand(len(idx)) < 0.5
+                )  # horizontal flips: garments are left-right symmetric
                 batch = torch.where(flip[:, None, None, None], batch.flip(3), batch)
                 loss = F.cross_entropy(net(batch.to(device)), labels[idx].to(device))
                 opt.zero_grad()
@@ -566,10 +794,16 @@ def train_classifier_command(epochs, out, seed, device, data):
     _, predicted = features_and_classes(net, test_images)
     accuracy = float((predicted == test_labels).float().mean())
     if accuracy < 0.92:
-        raise click.ClickException(f"test accuracy {accuracy:.4f} is below 0.92; train longer (--epochs)")
+        raise click.ClickException(
+            f"test accuracy {accuracy:.4f} is below 0.92; train longer (--epochs)"
+        )
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    torch.save({k: v.cpu() for k, v in net.state_dict().items()}, out)
-    console.print(f"test accuracy {accuracy:.4f}; wrote {out}, sha256 {sha256(out)} (set CLASSIFIER_SHA256 to it)")
+    weights = {k: v.cpu() for k, v in net.state_dict().items()}
+    sgm.atomic_write(out, lambda tmp: torch.save(weights, tmp))
+    console.print(
+        f"test accuracy {accuracy:.4f}; wrote {out}, sha256 {sha256(out)} "
+        "(set CLASSIFIER_SHA256 to it)"
+    )
 
 
 if __name__ == "__main__":

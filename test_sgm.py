@@ -1,7 +1,8 @@
-"""Tests for sgm.py, train.py and sample.py: closed-form math for Gaussian data, and the CLIs end to end.
+"""Tests for sgm.py, data.py and the scripts: closed-form math for Gaussian data, and the CLIs end to end.
 
     python -m pytest -q
 """
+import dataclasses
 import json
 import math
 import os
@@ -172,7 +173,7 @@ def test_dsm_loss_is_minimised_by_the_exact_score(sde):
 
 
 def test_small_unet_overfits_one_batch():
-    from train import load_fashion_mnist, to_model_range
+    from data import load_fashion_mnist, to_model_range
     images, _ = load_fashion_mnist(os.path.join(HERE, "data"))
     x = to_model_range(images[:64], (-1, 1))
     torch.manual_seed(0)
@@ -212,12 +213,25 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     ema, opt = sgm.EMA(net), torch.optim.Adam(net.parameters())
     path = tmp_path / "ck.pt"
     sde = sgm.VESDE(sigma_max=30.0)
-    sgm.save_checkpoint(path, config=config, sde=sde, model=net, ema=ema, optimizer=opt, data_range=(0.0, 1.0), step=7,
-                        rng={"cpu": torch.get_rng_state()})
+    train_config = sgm.TrainConfig(sde="ve", channels=8, channel_mult=(1, 2), lr=3e-4)
+    with torch.no_grad():
+        ema.shadow["conv_in.bias"] += 1.0  # EMA weights that differ from the raw ones
+    ckpt = sgm.Checkpoint(net, sde, (0.0, 1.0), config, train_config, step=7, extra={"note": 1})
+    sgm.save_checkpoint(path, ckpt, ema=ema, optimizer=opt, rng={"cpu": torch.get_rng_state()})
     ck = sgm.load_checkpoint(str(path))
+    assert isinstance(ck, sgm.Checkpoint)
+    assert ck.sde == sde and ck.step == 7 and ck.data_range == (0.0, 1.0) and ck.model_config == config
+    assert ck.train_config == train_config and ck.extra["note"] == 1
+    assert ck.is_ema and not ck.net.training and not any(p.requires_grad for p in ck.net.parameters())
+    assert torch.equal(ck.net.conv_in.bias, ema.shadow["conv_in.bias"])
+    assert set(ck.resume) == {"model", "ema", "optimizer", "rng"}
+    raw = sgm.load_checkpoint(str(path), use_ema=False)
     x, t = torch.randn(2, 1, 28, 28), torch.rand(2)
-    assert torch.equal(ck["model"].eval()(x, t), net(x, t))
-    assert ck["sde"] == sde and ck["step"] == 7 and ck["data_range"] == (0.0, 1.0) and ck["config"] == config
+    assert not raw.is_ema and torch.equal(raw.net(x, t), net(x, t))
+    labels = torch.tensor([3, -1])
+    expected = sgm.guided_score(sgm.score_model(ck.net, sde), labels, 2.0)(x, t)
+    assert torch.equal(ck.score_fn(labels, 2.0)(x, t), expected)
+    assert torch.equal(ck.score_fn()(x, t), sgm.score_model(ck.net, sde)(x, t))
     assert not list(tmp_path.glob("*.tmp"))
 
     data = path.read_bytes()
@@ -270,6 +284,34 @@ def test_ode_solvers_follow_the_exact_flow(sde):
     assert nfe == 99 and (x - exact).abs().max() < 0.04
     x, nfe = sgm.sample(gaussian_score(sde), sde, x_T.shape, "heun", 18, x_T=x_T.clone())
     assert nfe == 35 and (x - exact).abs().mean() < 0.05
+
+
+def test_every_solver_has_the_one_signature():
+    import inspect
+    for name, solver in sgm.SOLVERS.items():
+        params = list(inspect.signature(solver.sample).parameters.values())
+        assert [p.name for p in params[:4]] == ["score_fn", "sde", "x", "ts"], name
+        assert all(p.kind == p.POSITIONAL_OR_KEYWORD for p in params[:4]), name
+        keyword_only = {p.name: p.default for p in params[4:] if p.kind == p.KEYWORD_ONLY}
+        assert len(keyword_only) == len(params) - 4, name  # every option is keyword-only
+        assert {k: keyword_only[k] for k in ("generator", "callback", "project")} == dict.fromkeys(
+            ("generator", "callback", "project")), name
+        assert solver.steps >= 1 and solver.grid in (sgm.time_grid, sgm.edm_time_grid), name
+    assert sgm.solver_options("pc") == {"snr": 0.16, "corrector_steps": 1}
+    assert sgm.solver_options("ode") == {"rtol": 1e-5, "atol": 1e-5} and sgm.solver_options("em") == {}
+    assert set(sgm.STOCHASTIC_SOLVERS) == {"em", "reverse_diffusion", "ancestral", "pc", "ald"}
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_time_grids(sde):
+    ts = sgm.time_grid(sde, 4, 1e-3)
+    assert torch.allclose(ts, torch.tensor([1.0, 0.75025, 0.5005, 0.25075, 1e-3]))
+    ts = sgm.edm_time_grid(sde, 18, 1e-3)
+    assert len(ts) == 18 and (ts[1:] < ts[:-1]).all()
+    assert ts[0] == pytest.approx(1.0, abs=1e-5) and ts[-1] == pytest.approx(1e-3, rel=1e-4)
+    sigmas = sde.noise_level(ts.double())  # uniform in sigma^(1/7)
+    steps = sigmas ** (1 / 7)
+    assert torch.allclose(steps[1:] - steps[:-1], (steps[1] - steps[0]).expand(17), rtol=1e-3)
 
 
 def test_unknown_solver_and_steps():
@@ -372,7 +414,8 @@ def test_train_cli_writes_checkpoint_grid_and_log(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "img/s" in r.stderr and "done" in r.stderr
     ck = sgm.load_checkpoint(str(out / "ckpt.pt"))
-    assert ck["step"] == 24 and ck["config"].num_classes == 10 and ck["extra"]["train"]["sde"] == "vp"
+    assert ck.step == 24 and ck.model_config.num_classes == 10 and ck.train_config.sde == "vp"
+    assert ck.train_config.preset == "quick" and ck.train_config.channels == 8 and ck.train_config.conditional
     assert (out / "samples_0000024.png").exists()
     log = read_log(out)
     assert [row["step"] for row in log] == [8, 16, 24] and all(math.isfinite(row["loss"]) for row in log)
@@ -390,6 +433,39 @@ def test_train_resume_is_exact(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
 
 
+def test_train_resume_restores_the_config_and_refuses_contradictions(tmp_path):
+    import train
+    out = tmp_path / "run"
+    args = [*TRAIN_TINY, "--steps", "2", "--log-every", "1", "--sample-every", "1000", "--out", str(out), "--sde", "subvp",
+            "--lr", "1e-3", "--conditional", "--label-dropout", "0.3", "--grad-clip", "0.5", "--seed", "4"]
+    assert CliRunner().invoke(train.main, args).exit_code == 0
+    stored = sgm.load_checkpoint(str(out / "ckpt.pt")).train_config
+    assert (stored.sde, stored.lr, stored.conditional, stored.label_dropout, stored.grad_clip, stored.seed,
+            stored.limit_data, stored.channels, stored.batch_size) == ("subvp", 1e-3, True, 0.3, 0.5, 4, 256, 8, 16)
+    resume = ["--device", "cpu", "--out", str(out), "--resume"]
+    for flag, value in [("--lr", "0.002"), ("--sde", "vp"), ("--channels", "16"), ("--seed", "0"), ("--limit-data", "512"),
+                        ("--label-dropout", "0.1"), ("--grad-clip", "1.0"), ("--preset", "default"), ("--batch-size", "8")]:
+        r = CliRunner().invoke(train.main, [*resume, flag, value])
+        assert r.exit_code == 1 and f"{flag} {value}" in r.output and "contradicts" in r.output, (flag, r.output)
+    r = CliRunner().invoke(train.main, [*resume, "--no-amp"])
+    assert r.exit_code == 1 and "--amp False contradicts" in r.output, r.output
+    # The same values, and the options that may change, are accepted; the rest comes from the file.
+    r = CliRunner().invoke(train.main, [*resume, "--steps", "4", "--lr", "1e-3", "--log-every", "2", "--sde", "subvp"])
+    assert r.exit_code == 0, r.output
+    resumed = sgm.load_checkpoint(str(out / "ckpt.pt"))
+    assert resumed.step == 4 and resumed.train_config == dataclasses.replace(stored, steps=4, log_every=2)
+
+
+def test_train_resume_from_an_export_is_refused(tiny_ckpt, tmp_path):
+    import shutil
+
+    import train
+    (tmp_path / "run").mkdir()
+    shutil.copy(tiny_ckpt / "tiny.pt", tmp_path / "run" / "ckpt.pt")  # EMA weights only, no optimizer
+    r = CliRunner().invoke(train.main, ["--device", "cpu", "--out", str(tmp_path / "run"), "--resume"])
+    assert r.exit_code == 1 and "no optimizer state" in r.output and "Traceback" not in r.output
+
+
 def test_train_stops_on_nan_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     import train
     out = tmp_path / "run"
@@ -405,8 +481,10 @@ def test_train_stops_on_nan_and_keeps_the_checkpoint(tmp_path, monkeypatch):
 
 def test_train_missing_data_message(tmp_path, monkeypatch):
     import torchvision
+
+    import data
     import train
-    monkeypatch.setattr(train, "DEBIAN_DIR", str(tmp_path / "nowhere"))
+    monkeypatch.setattr(data, "DEBIAN_DIR", str(tmp_path / "nowhere"))
     monkeypatch.setattr(torchvision.datasets.FashionMNIST, "download", lambda self: (_ for _ in ()).throw(RuntimeError("offline")))
     result = CliRunner().invoke(train.main, ["--data", str(tmp_path / "empty"), "--steps", "1"])
     assert result.exit_code == 1 and "apt-get install -y dataset-fashion-mnist" in result.output
@@ -424,7 +502,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
                         "train.py", *TRAIN_TINY, "--steps", "4", "--log-every", "2", "--sample-every", "1000", "--out", str(out)],
                        cwd=HERE, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "x2" in r.stderr and sgm.load_checkpoint(str(out / "ckpt.pt"))["step"] == 4
+    assert "x2" in r.stderr and sgm.load_checkpoint(str(out / "ckpt.pt")).step == 4
     assert len(read_log(out)) == 2  # only rank 0 writes
 
 
@@ -437,7 +515,8 @@ def tiny_ckpt(tmp_path_factory):
     for name, size, sde in (("tiny.pt", 28, sgm.VPSDE()), ("small_images.pt", 8, sgm.VPSDE()), ("subvp.pt", 28, sgm.SubVPSDE())):
         config = tiny_config(num_classes=10, image_size=size)
         net = randomize(sgm.UNet(config))
-        sgm.save_checkpoint(folder / name, config=config, sde=sde, model=net, ema=sgm.EMA(net))
+        ckpt = sgm.Checkpoint(net, sde, sde.data_range, config, sgm.TrainConfig(sde=sde.name))
+        sgm.save_checkpoint(folder / name, ckpt, ema=sgm.EMA(net))
     return folder
 
 
@@ -517,13 +596,16 @@ def test_sample_cli_inpaint_interpolate_and_label_all(tiny_ckpt, tmp_path):
 def test_shipped_checkpoint_loads_and_samples_by_default(tmp_path):
     """checkpoints/fmnist.pt: EMA weights only, fp16, class-conditional, and what sample.py uses by default."""
     import numpy as np
+
+    import data
     import sample
-    assert sample.default_checkpoint() == sample.SHIPPED and os.path.getsize(sample.SHIPPED) <= 20e6
-    state = torch.load(sample.SHIPPED, map_location="cpu", weights_only=True)
+    assert data.default_checkpoint() == data.SHIPPED and os.path.getsize(data.SHIPPED) <= 20e6
+    state = torch.load(data.SHIPPED, map_location="cpu", weights_only=True)
     assert state["model"] is None and state["optimizer"] is None and state["rng"] is None
     assert {v.dtype for v in state["ema"].values() if v.is_floating_point()} == {torch.float16}
-    net, sde, data_range, config = sample.load_model(sample.SHIPPED, "cpu")
-    assert config.num_classes == 10 and next(net.parameters()).dtype == torch.float32
+    ckpt = sgm.load_checkpoint(data.SHIPPED, "cpu")
+    assert ckpt.model_config.num_classes == 10 and next(ckpt.net.parameters()).dtype == torch.float32
+    assert ckpt.is_ema and ckpt.resume is None and ckpt.train_config.conditional
     r = CliRunner().invoke(sample.main, ["--solver", "heun", "--steps", 3, "--n", 3, "--label", "bag", "--device", "cpu",
                                          "--out", str(tmp_path / "s.npz")])
     assert r.exit_code == 0, r.output
@@ -609,11 +691,11 @@ def run_evaluate(*args):
 
 def test_frechet_distance_is_zero_on_itself_and_grows_with_noise():
     import evaluate
-    from train import load_fashion_mnist
+    from data import load_fashion_mnist
     net = evaluate.load_classifier()
     images, _ = load_fashion_mnist(os.path.join(HERE, "data"), train=False)
     reference, _ = evaluate.features_and_classes(net, images[:1000])
-    assert abs(evaluate.frechet_distance(reference, reference)) < 1e-6
+    assert abs(evaluate.frechet_distance(reference, reference)) < 1e-4  # eigh round-off; FDs here are > 10
     generator = torch.Generator().manual_seed(0)
     distances = []
     for noise in (0.0, 20.0, 60.0):
@@ -624,6 +706,7 @@ def test_frechet_distance_is_zero_on_itself_and_grows_with_noise():
 
 def test_classifier_hash_check_fails_on_a_modified_file(tmp_path):
     import click
+
     import evaluate
     data = bytearray(open(evaluate.CLASSIFIER, "rb").read())
     data[-100] ^= 0xFF
@@ -660,7 +743,7 @@ def test_evaluate_bpd_sweep_guidance_and_speed(tiny_ckpt, tmp_path):
     assert r.exit_code == 0, r.output
     shipped = torch.load(tmp_path / "ship.pt", weights_only=True)
     assert shipped["model"] is None and shipped["optimizer"] is None
-    original = sgm.load_checkpoint(str(tiny_ckpt / "tiny.pt"))["ema"].state_dict()
+    original = torch.load(tiny_ckpt / "tiny.pt", weights_only=True)["ema"]
     assert all(torch.equal(v.half(), shipped["ema"][k]) for k, v in original.items() if v.is_floating_point())
     r = run_evaluate("export", tiny_ckpt / "tiny.pt", "--out", tiny_ckpt / "tiny.pt")
     assert r.exit_code == 1 and "is the checkpoint itself" in r.output

@@ -1,0 +1,172 @@
+"""
+FashionMNIST in and images out, for train.py, sample.py and evaluate.py.
+
+Loading (torchvision, with an offline fallback to the original .gz files), scaling between uint8
+pixels and the model's data range (with dequantization) in one place, class names, the devices,
+the default checkpoint, and writing PNG grids, .npz arrays and GIFs atomically.
+"""
+
+import glob
+import gzip
+import os
+import shutil
+
+import torch
+
+import sgm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHIPPED = os.path.join(HERE, "checkpoints", "fmnist.pt")
+DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+CLASSES = (
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle-boot",
+)
+
+
+class DataError(sgm.SGMError):
+    pass
+
+
+def load_fashion_mnist(root="data", train=True):
+    """FashionMNIST images (N, 1, 28, 28) uint8 and labels (N,) int64 through torchvision. Offline,
+    the original .gz files are taken from `root` or from Debian's dataset-fashion-mnist package."""
+    from torchvision.datasets import FashionMNIST
+
+    raw = os.path.join(root, "FashionMNIST", "raw")
+    if not all(os.path.isfile(os.path.join(raw, name)) for name in FILES):
+        for source in (raw, root, DEBIAN_DIR):
+            if all(os.path.isfile(os.path.join(source, name + ".gz")) for name in FILES):
+                os.makedirs(raw, exist_ok=True)
+                for name in FILES:
+                    with gzip.open(os.path.join(source, name + ".gz"), "rb") as f:
+                        sgm.atomic_write(os.path.join(raw, name), lambda tmp: copy_to(f, tmp))
+                break
+    try:
+        download = not os.path.isdir(raw) or not os.listdir(raw)
+        dataset = FashionMNIST(root, train=train, download=download)
+    except Exception:
+        raise DataError(
+            f"FashionMNIST not found in {root!r} and the download failed. Either run on a machine "
+            f"with internet access, put the four .gz files from "
+            f"https://github.com/zalandoresearch/fashion-mnist into {root!r}, or install Debian's "
+            f"package: apt-get install -y dataset-fashion-mnist"
+        ) from None
+    return dataset.data[:, None].contiguous(), dataset.targets.long()
+
+
+def copy_to(f, path):
+    with open(path, "wb") as out:
+        shutil.copyfileobj(f, out)
+
+
+def to_model_range(images, data_range, dequantize=False):
+    """uint8 (B, C, H, W) -> float in data_range. Dequantization adds U(0, 1) before dividing by
+    256; without it each pixel goes to the middle of its bin."""
+    lo, hi = data_range
+    offset = torch.rand_like(images, dtype=torch.float) if dequantize else 0.5
+    return lo + (hi - lo) * (images.float() + offset) / 256
+
+
+def to_uint8(x, data_range):
+    """float in data_range (B, C, H, W) -> uint8, the inverse of to_model_range."""
+    lo, hi = data_range
+    return ((x - lo) / (hi - lo) * 256).floor().clamp(0, 255).to(torch.uint8)
+
+
+def resolve_device(device):
+    """'auto' -> 'cuda' if available, else 'cpu'."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise sgm.SGMError("--device cuda was asked for, but PyTorch sees no CUDA device")
+    return device
+
+
+def default_checkpoint():
+    """The shipped checkpoints/fmnist.pt, else the newest runs/*/ckpt.pt."""
+    if os.path.isfile(SHIPPED):
+        return SHIPPED
+    runs = sorted(glob.glob("runs/*/ckpt.pt"), key=os.path.getmtime)
+    if not runs:
+        raise sgm.SGMError(
+            "no checkpoint given and none found (checkpoints/fmnist.pt, runs/*/ckpt.pt): "
+            "train one with `python train.py --preset quick` or pass --ckpt PATH"
+        )
+    return runs[-1]
+
+
+def grid_image(images, nrow=8):
+    """uint8 (B, C, H, W) -> PIL image of a grid with white 2-pixel gaps."""
+    from torchvision.transforms.functional import to_pil_image
+    from torchvision.utils import make_grid
+
+    return to_pil_image(make_grid(images.cpu(), nrow=nrow, padding=2, pad_value=255))
+
+
+def save_png(x, data_range, path, nrow=8):
+    """Samples x (B, C, H, W) in data_range as a PNG grid."""
+    image = grid_image(to_uint8(x, data_range), nrow)
+    sgm.atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def save_npz(x, data_range, path, labels=None):
+    """Samples as uint8 (N, H, W) (or (N, H, W, C)), with their labels if given."""
+    import numpy as np
+
+    images = to_uint8(x, data_range).permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, C)
+    images = images[..., 0] if images.shape[-1] == 1 else images
+    arrays = {"images": images}
+    if labels is not None:
+        arrays["labels"] = labels.cpu().numpy()
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: given a path, numpy would append ".npz"
+            np.savez_compressed(f, **arrays)
+
+    sgm.atomic_write(path, write)
+
+
+def save_gif(frames, path, nrow):
+    """frames: a list of (state, denoised) uint8 pairs (B, C, H, W), shown side by side."""
+    from PIL import Image
+
+    images = []
+    for state, denoised in frames:
+        left, right = grid_image(state, nrow), grid_image(denoised, nrow)
+        frame = Image.new("L", (left.width * 2 + 8, left.height), 255)
+        frame.paste(left.convert("L"), (0, 0))
+        frame.paste(right.convert("L"), (left.width + 8, 0))
+        images.append(frame)
+    images += [images[-1]] * 10  # hold the result
+
+    def write(tmp):
+        images[0].save(
+            tmp, format="GIF", save_all=True, append_images=images[1:], duration=80, loop=0
+        )
+
+    sgm.atomic_write(path, write)
+
+
+def save_text(text, path):
+    """A table or log, written atomically."""
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    sgm.atomic_write(path, write)
