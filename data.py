@@ -10,6 +10,7 @@ import glob
 import gzip
 import os
 import shutil
+import tempfile
 
 import torch
 
@@ -17,6 +18,7 @@ import sgm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHIPPED = os.path.join(HERE, "checkpoints", "fmnist.pt")
+DATA_DIR = os.path.join(HERE, "data")  # the scripts' default, wherever they are run from
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 FILES = (
     "train-images-idx3-ubyte",
@@ -42,7 +44,7 @@ class DataError(sgm.SGMError):
     pass
 
 
-def load_fashion_mnist(root="data", train=True):
+def load_fashion_mnist(root=DATA_DIR, train=True):
     """FashionMNIST images (N, 1, 28, 28) uint8 and labels (N,) int64 through torchvision. Offline,
     the original .gz files are taken from `root` or from Debian's dataset-fashion-mnist package."""
     from torchvision.datasets import FashionMNIST
@@ -60,6 +62,11 @@ def load_fashion_mnist(root="data", train=True):
         download = not os.path.isdir(raw) or not os.listdir(raw)
         dataset = FashionMNIST(root, train=train, download=download)
     except Exception:
+        if all(os.path.isfile(os.path.join(raw, name)) for name in FILES):
+            raise DataError(
+                f"the FashionMNIST files in {raw} cannot be read (cut short by an interrupted "
+                "first run?): delete that folder and run again"
+            ) from None
         raise DataError(
             f"FashionMNIST not found in {root!r} and the download failed. Either run on a machine "
             f"with internet access, put the four .gz files from "
@@ -95,6 +102,20 @@ def resolve_device(device):
     if device == "cuda" and not torch.cuda.is_available():
         raise sgm.SGMError("--device cuda was asked for, but PyTorch sees no CUDA device")
     return device
+
+
+def check_writable(path):
+    """Refuse an output path before any work starts: not a folder, and the nearest folder that
+    exists on its way can be written to (the writers create the missing ones)."""
+    if os.path.isdir(path):
+        raise sgm.SGMError(f"{path} is a folder: give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise sgm.SGMError(f"{path}: cannot write there ({e.strerror})") from None
 
 
 def default_checkpoint():

@@ -21,6 +21,7 @@ import hashlib
 import math
 import os
 import platform
+import sys
 import time
 
 import click
@@ -204,6 +205,11 @@ class Group(click.Group):
             return super().invoke(ctx)
         except sgm.SGMError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:  # a full disk, a read-only folder, ...
+            raise click.ClickException(f"{e.filename or 'I/O'}: {e.strerror or e}") from None
+        except KeyboardInterrupt:
+            console.print("interrupted; nothing written")
+            sys.exit(130)
 
 
 @click.group(
@@ -221,7 +227,9 @@ ckpt_option = click.option(
     help="Checkpoint [as sample.py].",
 )
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
-data_option = click.option("--data", "data_dir", type=click.Path(file_okay=False), default="data")
+data_option = click.option(
+    "--data", "data_dir", type=click.Path(file_okay=False), default=data.DATA_DIR
+)
 
 
 @main.command("fd")
@@ -229,19 +237,22 @@ data_option = click.option("--data", "data_dir", type=click.Path(file_okay=False
 @click.option("--solver", type=click.Choice(list(sgm.SOLVERS)), default="heun")
 @click.option("--steps", type=click.IntRange(1), default=None, help="[1000; heun 18]")
 @click.option("--n", type=click.IntRange(2), default=2000)
-@click.option("--rtol", type=float, default=1e-5)
-@click.option("--atol", type=float, default=1e-5)
+@click.option("--rtol", type=float, default=1e-5, help="ODE tolerance, in [1e-12, 1].")
+@click.option("--atol", type=float, default=1e-5, help="ODE tolerance, in [1e-12, 1].")
 @click.option("--seed", type=int, default=0)
 @device_option
 @data_option
 def fd_command(ckpt_path, solver, steps, n, rtol, atol, seed, device, data_dir):
     """Frechet distance of N samples to the test set, the real-data floor, the class histogram."""
     device, ckpt_path = data.resolve_device(device), ckpt_path or data.default_checkpoint()
-    steps = steps or (18 if solver == "heun" else 1000)
+    steps = steps or sgm.SOLVERS[solver].steps
+    sgm.check_number("--rtol", rtol, 1e-12, 1)
+    sgm.check_number("--atol", atol, 1e-12, 1)
+    ckpt = sgm.load_checkpoint(ckpt_path, device)  # before the slow part: a bad path fails at once
     scorer = Scorer(data_dir, device)
     with Progress(console=console) as progress:
         images, nfe, seconds = generate(
-            sgm.load_checkpoint(ckpt_path, device),
+            ckpt,
             solver,
             steps,
             n,
@@ -269,14 +280,16 @@ def fd_command(ckpt_path, solver, steps, n, rtol, atol, seed, device, data_dir):
 @ckpt_option
 @click.option("--n", type=click.IntRange(1), default=None, help="Test images [all 10000].")
 @click.option("--batch-size", type=click.IntRange(1), default=250)
-@click.option("--rtol", type=float, default=1e-5)
-@click.option("--atol", type=float, default=1e-5)
+@click.option("--rtol", type=float, default=1e-5, help="ODE tolerance, in [1e-12, 1].")
+@click.option("--atol", type=float, default=1e-5, help="ODE tolerance, in [1e-12, 1].")
 @click.option("--seed", type=int, default=0)
 @device_option
 @data_option
 def bpd_command(ckpt_path, n, batch_size, rtol, atol, seed, device, data_dir):
     """Test-set bits/dim with uniform dequantization and the Hutchinson trace estimator."""
     device, ckpt_path = data.resolve_device(device), ckpt_path or data.default_checkpoint()
+    sgm.check_number("--rtol", rtol, 1e-12, 1)
+    sgm.check_number("--atol", atol, 1e-12, 1)
     ckpt = sgm.load_checkpoint(ckpt_path, device)
     images, _ = data.load_fashion_mnist(data_dir, train=False)
     images = images[:n] if n else images
@@ -386,7 +399,10 @@ def sweep_command(ckpt_path, n, solvers, max_steps, out, seed, device, data_dir)
     for s in chosen:
         if s not in SWEEP:
             raise click.ClickException(f"unknown solver {s!r}; choose from {', '.join(SWEEP)}")
-    scorer, ckpt = Scorer(data_dir, device), sgm.load_checkpoint(ckpt_path, device)
+    data.check_writable(out + ".md")
+    data.check_writable(out + ".png")
+    ckpt = sgm.load_checkpoint(ckpt_path, device)
+    scorer = Scorer(data_dir, device)
     floor, rows = scorer.floor(n, seed), []
     with Progress(console=console) as progress:
         for solver in chosen:
@@ -481,15 +497,17 @@ def compare_command(ckpt_paths, solvers, nfe, n, out, seed, device, data_dir):
             raise click.ClickException(
                 f"unknown solver {s!r}; choose from {', '.join(sgm.SOLVERS)}"
             )
-    # pc and ald spend two evaluations per step (predictor or Langevin step, and one corrector step)
+    if out:
+        data.check_writable(out)
+    ckpts = [(path, sgm.load_checkpoint(path, device)) for path in ckpt_paths]  # all, first
+    # pc spends two evaluations per step (one corrector step and the predictor), ald one
     steps = {
-        s: 18 if s == "heun" else 1 if s == "ode" else nfe // (2 if s in ("pc", "ald") else 1)
+        s: 18 if s == "heun" else 1 if s == "ode" else nfe // (2 if s == "pc" else 1)
         for s in chosen
     }
     scorer, rows = Scorer(data_dir, device), []
     with Progress(console=console) as progress:
-        for ckpt_path in ckpt_paths:
-            ckpt = sgm.load_checkpoint(ckpt_path, device)
+        for ckpt_path, ckpt in ckpts:
             sde_name = type(ckpt.sde).__name__
             for solver in chosen:
                 images, spent, seconds = generate(
@@ -532,6 +550,7 @@ def compare_command(ckpt_paths, solvers, nfe, n, out, seed, device, data_dir):
 @main.command("export")
 @click.argument("ckpt_path", type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The exported file.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (else refused).")
 @click.option(
     "--half/--no-half",
     default=True,
@@ -546,7 +565,7 @@ def compare_command(ckpt_paths, solvers, nfe, n, out, seed, device, data_dir):
 @click.option("--seed", type=int, default=0)
 @device_option
 @data_option
-def export_command(ckpt_path, out, half, n, seed, device, data_dir):
+def export_command(ckpt_path, out, overwrite, half, n, seed, device, data_dir):
     """Write a training checkpoint's EMA weights alone (no optimizer, no raw weights), to ship, and
     compare the FD of the exported weights with the original's on the same noise (heun, 35 NFE)."""
     device = data.resolve_device(device)
@@ -554,6 +573,9 @@ def export_command(ckpt_path, out, half, n, seed, device, data_dir):
         raise click.ClickException(
             f"--out {out} is the checkpoint itself; write the export elsewhere"
         )
+    if os.path.exists(out) and not overwrite:
+        raise click.ClickException(f"--out {out} exists; give --overwrite to replace it")
+    data.check_writable(out)
     exported = sgm.load_checkpoint(ckpt_path, "cpu")  # the EMA weights, where the file has them
     exported.is_ema = True  # stored as the EMA weights, alone
     exported.extra = {**exported.extra, "exported_from": ckpt_path, "half": half}
@@ -641,8 +663,10 @@ def guidance_command(ckpt_path, weights, n, solver, steps, out, seed, device, da
         raise click.ClickException(
             f"{ckpt_path}: an unconditional checkpoint; train one with train.py --conditional"
         )
+    ws = parse_weights(weights)
+    if out:
+        data.check_writable(out)
     scorer = Scorer(data_dir, device)
-    ws = [float(w) for w in weights.split(",")]
     floors = [scorer.floor(n, seed, label=c) for c in range(10)]
     rows = []
     with Progress(console=console) as progress:
@@ -686,6 +710,19 @@ def guidance_command(ckpt_path, weights, n, solver, steps, out, seed, device, da
     if out:
         data.save_text(header + table, out)
     console.print(header + table)
+
+
+def parse_weights(text):
+    """'0,1,3' -> [0.0, 1.0, 3.0], each a finite guidance weight."""
+    try:
+        ws = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise click.ClickException(
+            f"--weights {text!r}: give numbers separated by commas"
+        ) from None
+    for w in ws:
+        sgm.check_number("a guidance weight", w, 0, 1e3)
+    return ws
 
 
 @main.command("speed")
@@ -766,6 +803,7 @@ def speed_command(batch_size, channels, model, iters, device):
 def train_classifier_command(epochs, out, seed, device, data_dir):
     """Train the feature classifier (a few CPU minutes; needs 92% test accuracy), print its hash."""
     device = data.resolve_device(device)
+    data.check_writable(out)
     torch.manual_seed(seed)
     images, labels = data.load_fashion_mnist(data_dir, train=True)
     test_images, test_labels = data.load_fashion_mnist(data_dir, train=False)

@@ -14,7 +14,6 @@ Sample from a trained score-based model with any solver.
 import dataclasses
 import os
 import sys
-import tempfile
 import time
 
 import click
@@ -56,6 +55,13 @@ class Options:
     mask: torch.Tensor = None  # (C, H, W), 1 where known: inpainting
     known: torch.Tensor = None  # uint8 test images (n, C, H, W) to inpaint
 
+    def __post_init__(self):  # click's ranges let NaN through
+        sgm.check_number("--snr", self.snr, 0, 100, low_open=True)
+        sgm.check_number("--rtol", self.rtol, 1e-12, 1)
+        sgm.check_number("--atol", self.atol, 1e-12, 1)
+        sgm.check_number("--eps", self.eps, 0, 0.5, low_open=True)
+        sgm.check_number("--guidance", self.guidance, 0, 1e3)
+
     @property
     def mode(self):
         return "inpaint" if self.inpaint else "interpolate" if self.interpolate else "sample"
@@ -76,6 +82,11 @@ class Command(click.Command):
             return super().invoke(ctx)
         except sgm.SGMError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:  # a full disk, a read-only folder, ...: files written stay intact
+            raise click.ClickException(f"{e.filename or 'I/O'}: {e.strerror or e}") from None
+        except KeyboardInterrupt:
+            console.print("interrupted; nothing written")
+            sys.exit(130)
 
 
 def parse_label(text, ckpt):
@@ -129,18 +140,13 @@ def make_mask(name, shape, generator):
 
 
 def check_output(out):
-    """The suffix of --out, after checking that its folder can be written."""
+    """The suffix of --out, after checking that it can be written (nothing is created yet)."""
     suffix = os.path.splitext(out)[1].lower()
     if suffix not in (".png", ".npz", ".gif"):
         raise click.ClickException(
             f"--out {out}: the suffix must be .png (grid), .npz (array) or .gif (animation)"
         )
-    folder = os.path.dirname(os.path.abspath(out))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise click.ClickException(f"--out {out}: cannot write there ({e.strerror})") from None
+    data.check_writable(out)
     return suffix
 
 
@@ -194,6 +200,8 @@ def run_chunks(ckpt, labels, opts, progress, frames):
         outputs.append(x)
         nfes.append(nfe)
         progress.update(task, completed=c + 1)
+        if not console.is_terminal:  # redirected: the bar shows nothing until the end
+            console.print(f"{opts.solver}: {hi} of {opts.n} images", highlight=False)
     x = torch.cat(outputs, dim=1).flatten(0, 1) if opts.mask is not None else torch.cat(outputs)
     return x, sum(nfes) / len(nfes)
 
@@ -282,7 +290,7 @@ def write_output(x, frames, labels, ckpt, out, nrow):
     "--data",
     "data_dir",
     type=click.Path(file_okay=False),
-    default="data",
+    default=data.DATA_DIR,
     help="FashionMNIST folder.",
 )
 def main(**flags):
@@ -298,6 +306,10 @@ def main(**flags):
     opts.n = len(labels) if labels is not None else opts.n
     if opts.mode != "sample":
         images = check_test_inputs(opts, ckpt, suffix)
+    if opts.mode == "interpolate" and opts.label is not None:
+        raise click.ClickException(
+            "--interpolate decodes through the ODE without labels: drop --label"
+        )
 
     start, frames = time.time(), []
     columns = (BarColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn())
@@ -346,8 +358,4 @@ def check_test_inputs(opts, ckpt, suffix):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        console.print("interrupted; nothing written")
-        sys.exit(130)
+    main()

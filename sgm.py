@@ -23,6 +23,7 @@ import inspect
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import NamedTuple
@@ -35,6 +36,15 @@ import torch.nn.functional as F
 class SGMError(ValueError):
     """A problem with the caller's input (a solver the SDE lacks, a damaged checkpoint, ...): the
     scripts print its message as one line."""
+
+
+def check_number(name, value, low=-math.inf, high=math.inf, low_open=False):
+    """Refuse NaN, inf and out-of-range numbers with one line, before any work starts."""
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high
+    if not ok or (low_open and value == low):
+        bound = "above" if low_open else "at least"
+        raise SGMError(f"{name} must be a finite number {bound} {low:g} and at most {high:g}, "
+                       f"not {value!r}")  # fmt: skip
 
 
 def append_dims(v, ndim):
@@ -130,6 +140,10 @@ class VESDE(SDE):
     name = "ve"
     data_range = (0.0, 1.0)
 
+    def __post_init__(self):
+        check_number("sigma_min", self.sigma_min, 0, 1e6, low_open=True)
+        check_number("sigma_max", self.sigma_max, self.sigma_min, 1e6, low_open=True)
+
     @property
     def prior_std(self):
         return self.sigma_max
@@ -166,6 +180,10 @@ class LinearBetaSDE(SDE):
 
     beta_min: float = 0.1
     beta_max: float = 20.0
+
+    def __post_init__(self):
+        check_number("beta_min", self.beta_min, 0, 1e3, low_open=True)
+        check_number("beta_max", self.beta_max, self.beta_min, 1e3, low_open=True)
 
     def beta(self, t):
         return self.beta_min + t * (self.beta_max - self.beta_min)
@@ -329,6 +347,9 @@ class UNet(nn.Module):
         super().__init__()
         self.config = config
         ch, emb_dim, levels = config.channels, 4 * config.channels, len(config.channel_mult)
+        sizes = (config.image_channels, config.image_size, ch, config.num_res_blocks, levels)
+        if min(sizes) < 1 or config.num_classes < 0 or not 0 <= config.dropout < 1:
+            raise SGMError(f"invalid model configuration {config}")
         if config.image_size % 2 ** (levels - 1):
             raise SGMError(
                 f"image_size {config.image_size} is not divisible by {2 ** (levels - 1)}"
@@ -492,16 +513,8 @@ def langevin_step(score_fn, x, t, alpha, snr, generator):
 @torch.no_grad()
 def sample_reverse_diffusion(score_fn, sde, x, ts, *, generator=None, callback=None, project=None):
     """Reverse-diffusion predictor alone (appendix E): predictor-corrector without the corrector."""
-    return sample_pc(
-        score_fn,
-        sde,
-        x,
-        ts,
-        generator=generator,
-        callback=callback,
-        project=project,
-        corrector_steps=0,
-    )
+    options = dict(generator=generator, callback=callback, project=project)
+    return sample_pc(score_fn, sde, x, ts, corrector_steps=0, **options)
 
 
 @torch.no_grad()
@@ -517,21 +530,12 @@ def sample_ancestral(score_fn, sde, x, ts, *, generator=None, callback=None, pro
 
 
 @torch.no_grad()
-def sample_pc(
-    score_fn,
-    sde,
-    x,
-    ts,
-    *,
-    generator=None,
-    callback=None,
-    project=None,
-    snr=0.16,
-    corrector_steps=1,
-):
+def sample_pc(score_fn, sde, x, ts, *, generator=None, callback=None, project=None, snr=0.16,
+              corrector_steps=1):  # fmt: skip
     """Predictor-corrector (Algorithm 1): Langevin corrector at t_i, then the reverse-diffusion
     predictor to t_(i+1). The corrector runs first as in the official code, so the last step is a
     predictor mean."""
+    check_number("snr", snr, 0, 100, low_open=True)
     for i in range(len(ts) - 1):
         t, t_next = ts[i].expand(x.shape[0]), ts[i + 1].expand(x.shape[0])
         alpha = sde.langevin_alpha(t, t_next)
@@ -545,19 +549,10 @@ def sample_pc(
 
 
 @torch.no_grad()
-def sample_ald(
-    score_fn,
-    sde,
-    x,
-    ts,
-    *,
-    generator=None,
-    callback=None,
-    project=None,
-    snr=0.16,
-    corrector_steps=1,
-):
+def sample_ald(score_fn, sde, x, ts, *, generator=None, callback=None, project=None, snr=0.16,
+               corrector_steps=1):  # fmt: skip
     """Annealed Langevin dynamics (Song & Ermon 2019): the corrector alone, at t_1 ... t_N = eps."""
+    check_number("snr", snr, 0, 100, low_open=True)
     if corrector_steps < 1:
         raise SGMError("ald needs corrector_steps >= 1")
     for i in range(len(ts) - 1):
@@ -742,26 +737,41 @@ def dopri_step(rhs, t, y, k1, h):
     return y_stage, error, ks  # the last stage is the 5th-order solution
 
 
-def solve_ode(rhs, y, t0, t1, rtol=1e-5, atol=1e-5, callback=None):
+def solve_ode(rhs, y, t0, t1, rtol=1e-5, atol=1e-5, callback=None, max_steps=10_000):
     """Integrate dy/dt = rhs(t, y) from t0 to t1 (either direction) with adaptive Dormand-Prince.
     Error norm: RMS of err / (atol + rtol max(|y|, |y_new|)); step factor 0.9 err^(-1/5) in
-    [0.2, 10]. The first step size follows Hairer, Norsett & Wanner's rule of thumb."""
+    [0.2, 10]. The first step size follows Hairer, Norsett & Wanner's rule of thumb. At most
+    max_steps steps (accepted or not), so nothing can hang; rtol and atol must be in [1e-12, 1]."""
+    check_number("rtol", rtol, 1e-12, 1.0)
+    check_number("atol", atol, 1e-12, 1.0)
     t, direction = t0, 1.0 if t1 > t0 else -1.0
     k1 = rhs(t, y)
     scale = atol + rtol * y.abs()
     d0, d1 = rms(y / scale), rms(k1 / scale)
     h = 0.01 * d0 / d1 if min(d0, d1) > 1e-5 else 1e-6
     accepted = 0
-    while direction * (t1 - t) > 1e-9:
+    for _ in range(max_steps):
+        if direction * (t1 - t) <= 1e-9:
+            return y
         h = direction * min(abs(h), abs(t1 - t))
         y_new, error, ks = dopri_step(rhs, t, y, k1, h)
         err_norm = rms(error / (atol + rtol * torch.maximum(y.abs(), y_new.abs())))
+        if not math.isfinite(err_norm) or abs(h) < 1e-12:
+            raise SGMError(
+                f"the ODE solver met non-finite values or a vanishing step at t = {t:.4g} "
+                f"(rtol {rtol:g}, atol {atol:g}): tolerances too tight, or the model diverges"
+            )
         if err_norm <= 1.0:
             t, y, k1, accepted = t + h, y_new, ks[-1], accepted + 1
             if callback is not None:
                 callback(accepted, t, y)
         h *= min(10.0, max(0.2, 0.9 * err_norm**-0.2)) if err_norm > 0 else 10.0
-    return y
+    if direction * (t1 - t) <= 1e-9:
+        return y
+    raise SGMError(
+        f"the ODE solver did not reach t = {t1:g} in {max_steps} steps (at t = {t:.4g}, rtol "
+        f"{rtol:g}, atol {atol:g}): loosen the tolerances, or the model may be broken"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -832,6 +842,7 @@ def guided_score(score, labels, w):
     The paper's eq. 14 adds grad log p_t(y | x) of a separate classifier; by Bayes,
     s(x, t, y) - s(x, t, none) is that gradient for the implicit classifier, so this is eq. 14 with
     the classifier term scaled by (1 + w). w = 0 is plain conditional sampling."""
+    check_number("the guidance weight", w, 0, 1e3)
 
     def score_fn(x, t):
         if w == 0:
@@ -876,22 +887,8 @@ def solver_options(solver):
     return {p.name: p.default for p in params if p.name not in common}
 
 
-def sample(
-    score_fn,
-    sde,
-    shape,
-    solver="pc",
-    steps=None,
-    *,
-    eps=1e-3,
-    generator=None,
-    device=None,
-    callback=None,
-    x_T=None,
-    known=None,
-    mask=None,
-    **options,
-):
+def sample(score_fn, sde, shape, solver="pc", steps=None, *, eps=1e-3, generator=None,
+           device=None, callback=None, x_T=None, known=None, mask=None, **options):  # fmt: skip
     """Draw samples of `shape` by solving the reverse process from T to eps. Returns (x, nfe).
 
     steps: the solver's default if None. options: the solver's own (snr, corrector_steps, rtol,
@@ -903,6 +900,7 @@ def sample(
     steps = spec.steps if steps is None else steps
     if steps < 1:
         raise SGMError("steps must be at least 1")
+    check_number("eps", eps, 0, sde.T / 2, low_open=True)
     counted = CountedScore(score_fn)
     x = sde.prior_sampling(shape, generator, device) if x_T is None else x_T
     project = None if known is None else replace_known(sde, known, mask, generator)
@@ -914,6 +912,8 @@ def sample(
     )
     if known is not None:
         x = mask * known + (1 - mask) * x
+    if not torch.isfinite(x).all():  # NaN would be written as black pixels without a word
+        raise SGMError(f"{solver} produced non-finite values: the model or the settings diverge")
     return x, counted.nfe
 
 
@@ -975,6 +975,12 @@ class TrainConfig:
     sample_every: int = 5000
     ckpt_every: int = 2500
 
+    def __post_init__(self):
+        check_number("lr", self.lr, 0, 1e3, low_open=True)
+        check_number("ema_decay", self.ema_decay, 0, 1)
+        check_number("grad_clip", self.grad_clip, 0, 1e6, low_open=True)
+        check_number("label_dropout", self.label_dropout, 0, 1)
+
     @classmethod
     def from_dict(cls, stored):
         """From a checkpoint. Fields a file of an older version lacks take their defaults."""
@@ -987,20 +993,11 @@ class TrainConfig:
 
 PRESETS = {  # train.py --preset: what each changes from TrainConfig's defaults
     "default": {},  # 6.19 M parameters, for a GPU
-    "quick": dict(  # 0.65 M parameters: garments after ~15 minutes on a laptop CPU
-        channels=16,
-        channel_mult=(1, 2, 4),
-        num_res_blocks=1,
-        dropout=0.0,
-        batch_size=64,
-        steps=2500,
-        lr=2e-3,
-        warmup=100,
-        ema_decay=0.995,
-        sample_every=500,
-        ckpt_every=250,
+    "quick": dict(  # 0.65 M parameters: garments after ~12 minutes on a laptop CPU
+        channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, dropout=0.0, batch_size=64,
+        steps=2500, lr=2e-3, warmup=100, ema_decay=0.995, sample_every=500, ckpt_every=250,
     ),
-}
+}  # fmt: skip
 
 
 FORMAT = "sgm-checkpoint-1"
@@ -1014,6 +1011,7 @@ def atomic_write(path, write):
     """write(tmp_path), then rename over `path`: a file is replaced only by a complete one, and a
     crash never leaves half a file. For checkpoints, images, arrays and tables alike."""
     folder, suffix = os.path.dirname(os.path.abspath(path)), os.path.splitext(path)[1]
+    os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=suffix + ".tmp")
     os.close(fd)
     try:
@@ -1073,13 +1071,20 @@ def load_checkpoint(ckpt_path, device="cpu", use_ema=True):
     if not os.path.isfile(ckpt_path):
         raise CheckpointError(f"{ckpt_path}: no such checkpoint file")
     try:
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about plain pickles before refusing them
+            warnings.simplefilter("ignore")
+            state = torch.load(ckpt_path, map_location=device, weights_only=True)
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+        if "Weights only load failed" in reason:
+            reason = "it holds objects that weights_only=True refuses: a foreign or unsafe file"
         raise CheckpointError(f"{ckpt_path}: not a readable checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{ckpt_path}: not an sgm checkpoint (no '{FORMAT}' format tag)")
     try:
+        low, high = (float(v) for v in state["data_range"])
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ValueError(f"data_range {state['data_range']!r}")
         stored = {**state["config"], "channel_mult": tuple(state["config"]["channel_mult"])}
         model_config = ModelConfig(**stored)
         net = UNet(model_config).to(device)
@@ -1087,13 +1092,15 @@ def load_checkpoint(ckpt_path, device="cpu", use_ema=True):
         net.load_state_dict(state["ema"] if is_ema else state["model"])
         # Files from older versions stored part of the training configuration: the rest follows
         # from the network, or takes the defaults.
-        architecture = {k: stored[k] for k in ("channels", "channel_mult", "num_res_blocks")}
+        architecture = {
+            k: stored[k] for k in ("channels", "channel_mult", "num_res_blocks", "dropout")
+        }
         train_config = TrainConfig.from_dict({**architecture, **state["extra"].get("train", {})})
         resumable = state["optimizer"] is not None and state["model"] is not None
         return Checkpoint(
             net=net.eval().requires_grad_(False),
             sde=sde_from_config(state["sde"]),
-            data_range=tuple(state["data_range"]),
+            data_range=(low, high),
             model_config=model_config,
             train_config=train_config,
             step=state["step"],
@@ -1103,6 +1110,6 @@ def load_checkpoint(ckpt_path, device="cpu", use_ema=True):
             if resumable
             else None,
         )
-    except (KeyError, TypeError, AttributeError, RuntimeError, ValueError) as e:
+    except (KeyError, TypeError, AttributeError, RuntimeError, ValueError, ZeroDivisionError) as e:
         reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
         raise CheckpointError(f"{ckpt_path}: damaged sgm checkpoint ({reason})") from None

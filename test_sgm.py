@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -421,18 +422,6 @@ def test_train_cli_writes_checkpoint_grid_and_log(tmp_path):
     assert [row["step"] for row in log] == [8, 16, 24] and all(math.isfinite(row["loss"]) for row in log)
 
 
-def test_train_resume_is_exact(tmp_path):
-    common = [*TRAIN_TINY, "--log-every", "1", "--sample-every", "1000", "--ckpt-every", "1000", "--sde", "ve"]
-    assert run_cli("train.py", *common, "--steps", "8", "--out", str(tmp_path / "a")).returncode == 0
-    assert run_cli("train.py", *common, "--steps", "4", "--out", str(tmp_path / "b")).returncode == 0
-    r = run_cli("train.py", *common, "--steps", "8", "--out", str(tmp_path / "b"), "--resume")
-    assert r.returncode == 0, r.stderr
-    full, resumed = read_log(tmp_path / "a"), read_log(tmp_path / "b")
-    assert [row["step"] for row in resumed] == list(range(1, 9))
-    for a, b in zip(full, resumed):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
-
-
 def test_train_resume_restores_the_config_and_refuses_contradictions(tmp_path):
     import train
     out = tmp_path / "run"
@@ -448,7 +437,7 @@ def test_train_resume_restores_the_config_and_refuses_contradictions(tmp_path):
         r = CliRunner().invoke(train.main, [*resume, flag, value])
         assert r.exit_code == 1 and f"{flag} {value}" in r.output and "contradicts" in r.output, (flag, r.output)
     r = CliRunner().invoke(train.main, [*resume, "--no-amp"])
-    assert r.exit_code == 1 and "--amp False contradicts" in r.output, r.output
+    assert r.exit_code == 1 and "--no-amp contradicts" in r.output, r.output
     # The same values, and the options that may change, are accepted; the rest comes from the file.
     r = CliRunner().invoke(train.main, [*resume, "--steps", "4", "--lr", "1e-3", "--log-every", "2", "--sde", "subvp"])
     assert r.exit_code == 0, r.output
@@ -464,6 +453,77 @@ def test_train_resume_from_an_export_is_refused(tiny_ckpt, tmp_path):
     shutil.copy(tiny_ckpt / "tiny.pt", tmp_path / "run" / "ckpt.pt")  # EMA weights only, no optimizer
     r = CliRunner().invoke(train.main, ["--device", "cpu", "--out", str(tmp_path / "run"), "--resume"])
     assert r.exit_code == 1 and "no optimizer state" in r.output and "Traceback" not in r.output
+
+
+def test_train_refuses_to_replace_a_run(tmp_path):
+    import train
+    out = tmp_path / "run"
+    args = [*TRAIN_TINY, "--steps", "2", "--log-every", "1", "--sample-every", "1000", "--out", str(out)]
+    assert CliRunner().invoke(train.main, args).exit_code == 0
+    before = (out / "ckpt.pt").read_bytes()
+    (out / "tmpabc.pt.tmp").write_bytes(b"half a save")  # left by a kill during a save
+    r = CliRunner().invoke(train.main, [*args[:-4], "--steps", "1", "--out", str(out)])
+    assert r.exit_code == 1 and "holds a run at step 2: use --resume" in r.output and "--overwrite" in r.output
+    assert (out / "ckpt.pt").read_bytes() == before and len(read_log(out)) == 2
+    assert not list(out.glob("*.tmp"))  # cleaned up on the next start
+    r = CliRunner().invoke(train.main, [*args, "--steps", "1", "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert sgm.load_checkpoint(str(out / "ckpt.pt")).step == 1 and [row["step"] for row in read_log(out)] == [1]
+    r = CliRunner().invoke(train.main, [*args, "--resume"])  # from step 1 to --steps 2
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(train.main, [*args, "--resume", "--steps", "1"])
+    assert r.exit_code == 1 and "nothing to do" in r.output
+    r = CliRunner().invoke(train.main, [*args, "--resume", "--overwrite"])
+    assert r.exit_code == 1 and "--overwrite replaces it" in r.output
+    r = CliRunner().invoke(train.main, [*args, "--out", "/proc/no/such/run"])
+    assert r.exit_code == 1 and "/proc/no" in r.output and "Traceback" not in r.output
+
+
+def test_train_resume_after_sigint_sigterm_and_sigkill_is_exact(tmp_path, monkeypatch):
+    """Stopped at any point, --resume reproduces the uninterrupted run's losses, each step logged once; the
+    sample grids fall on checkpoint steps (they must not touch the training RNG)."""
+    import signal
+
+    import train
+    common = [*TRAIN_TINY, "--steps", "9", "--log-every", "1", "--ckpt-every", "3", "--sample-every", "3", "--sde", "subvp",
+              "--conditional"]
+    assert CliRunner().invoke(train.main, [*common, "--out", str(tmp_path / "full")]).exit_code == 0
+    full = [row["loss"] for row in read_log(tmp_path / "full")]
+    real_step = train.train_step
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        out = tmp_path / sig.name
+
+        def step_then_signal(run, step, sig=sig):
+            loss = real_step(run, step)
+            if step == 4:  # the signal arrives during step 5
+                os.kill(os.getpid(), sig)
+            return loss
+
+        monkeypatch.setattr(train, "train_step", step_then_signal)
+        r = CliRunner().invoke(train.main, [*common, "--out", str(out)])
+        assert r.exit_code == 128 + sig and "Continue with --resume" in r.output, r.output
+        assert sgm.load_checkpoint(str(out / "ckpt.pt")).step == 5
+        monkeypatch.setattr(train, "train_step", real_step)
+        assert CliRunner().invoke(train.main, ["--device", "cpu", "--out", str(out), "--resume"]).exit_code == 0
+        log = read_log(out)
+        assert [row["step"] for row in log] == list(range(1, 10))
+        assert [row["loss"] for row in log] == pytest.approx(full, rel=1e-5, abs=1e-7)
+    # SIGKILL: nothing can be saved; the run continues from its last checkpoint and the log drops the rows after it.
+    out = tmp_path / "killed"
+    longer = [*TRAIN_TINY, "--steps", "500", *common[len(TRAIN_TINY) + 2:]]  # killed long before its end
+    process = subprocess.Popen([sys.executable, "train.py", *longer, "--out", str(out)],
+                               cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "log.jsonl").exists() and len(read_log(out)) >= 5):
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+    assert len(read_log(out)) >= 5
+    r = CliRunner().invoke(train.main, ["--device", "cpu", "--out", str(out), "--resume", "--steps", "9"])
+    assert r.exit_code == 0, r.output
+    log = read_log(out)
+    assert [row["step"] for row in log] == list(range(1, 10))
+    assert [row["loss"] for row in log] == pytest.approx(full, rel=1e-5, abs=1e-7)
 
 
 def test_train_stops_on_nan_and_keeps_the_checkpoint(tmp_path, monkeypatch):
@@ -751,3 +811,133 @@ def test_evaluate_bpd_sweep_guidance_and_speed(tiny_ckpt, tmp_path):
         r = run_evaluate("speed", "--model", model, "--batch-size", 4, "--iters", 2, "--device", "cpu")
         assert r.exit_code == 0, r.output
         assert "training" in r.output and "img/s" in r.output
+
+
+# ---------------------------------------------------------------- faults: bad numbers, hangs, I/O, interrupts
+
+def test_ode_solver_cannot_hang():
+    sde = sgm.VPSDE()
+    for tol in (1e-30, 0.0, float("nan"), -1.0):
+        with pytest.raises(sgm.SGMError, match="rtol"):
+            sgm.sample(gaussian_score(sde), sde, (4, 4), "ode", rtol=tol, atol=1e-5)
+    with pytest.raises(sgm.SGMError, match="non-finite"):  # exploded weights: NaN scores
+        sgm.sample(lambda x, t: x * float("nan"), sde, (4, 4), "ode")
+    with pytest.raises(sgm.SGMError, match="did not reach t = 1 in 20 steps"):  # a bounded number of steps
+        sgm.solve_ode(lambda t, y: -1e4 * y, torch.ones(3), 0.0, 1.0, max_steps=20)
+
+
+def test_non_finite_samples_are_refused():
+    sde = sgm.VPSDE()
+    with pytest.raises(sgm.SGMError, match="non-finite"):
+        sgm.sample(lambda x, t: x * float("inf"), sde, (4, 4), "em", 5)
+    with pytest.raises(sgm.SGMError, match="eps"):
+        sgm.sample(gaussian_score(sde), sde, (4, 4), "em", 5, eps=float("nan"))
+    with pytest.raises(sgm.SGMError, match="sigma_max"):
+        sgm.VESDE(sigma_max=-1.0)
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("sample", ["--guidance", "nan", "--label", "bag"], "--guidance must be a finite number"),
+    ("sample", ["--guidance", "inf"], "--guidance must be a finite number"),
+    ("sample", ["--snr", "nan"], "--snr must be"),
+    ("sample", ["--snr", "inf"], "--snr must be"),
+    ("sample", ["--eps", "nan"], "--eps must be"),
+    ("sample", ["--rtol", "1e-30"], "--rtol must be"),
+    ("sample", ["--rtol", "nan"], "--rtol must be"),
+    ("train", ["--ema-decay", "nan"], "ema_decay must be"),
+    ("train", ["--lr", "nan"], "lr must be"),
+    ("train", ["--time-limit", "nan"], "--time-limit must be"),
+    ("evaluate", ["fd", "--rtol", "-1"], "--rtol must be"),
+    ("evaluate", ["fd", "--atol", "nan"], "--atol must be"),
+    ("evaluate", ["bpd", "--rtol", "0", "--atol", "0"], "--rtol must be"),
+    ("evaluate", ["guidance", "--weights", "abc"], "give numbers separated by commas"),
+    ("evaluate", ["guidance", "--weights", "1,nan"], "guidance weight must be"),
+])
+def test_bad_numbers_get_one_line(tiny_ckpt, tmp_path, script, args, message):
+    import importlib
+    module = importlib.import_module(script)
+    extra = {"sample": ["--ckpt", str(tiny_ckpt / "tiny.pt"), "--out", str(tmp_path / "o.png"), "--device", "cpu"],
+             "train": ["--out", str(tmp_path / "run"), "--device", "cpu"],
+             "evaluate": ["--ckpt", str(tiny_ckpt / "tiny.pt"), "--device", "cpu"]}[script]
+    r = CliRunner().invoke(module.main, [*args, *extra])
+    assert r.exit_code in (1, 2) and message in r.output and not isinstance(r.exception, (ValueError, TypeError)), r.output
+    assert not (tmp_path / "o.png").exists() and not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_damaged_checkpoints_get_one_line(tiny_ckpt, tmp_path):
+    good = torch.load(tiny_ckpt / "tiny.pt", weights_only=True)
+    cases = {"ema_list.pt": dict(ema=[1, 2]), "range_text.pt": dict(data_range="abc"),
+             "no_channels.pt": dict(config={**good["config"], "channels": 0}),
+             "bad_sde.pt": dict(sde={"name": "ve", "sigma_min": 0.01, "sigma_max": -5.0})}
+    for name, change in cases.items():
+        torch.save({**good, **change}, tmp_path / name)
+        with pytest.raises(sgm.CheckpointError, match="damaged sgm checkpoint") as e:
+            sgm.load_checkpoint(str(tmp_path / name))
+        assert name in str(e.value)
+        r = run_sample("--ckpt", tmp_path / name, "--out", tmp_path / "x.png")
+        assert r.exit_code == 1 and "damaged" in r.output and "Traceback" not in r.output
+    with pytest.raises(sgm.CheckpointError, match="sigma_max must be"):
+        sgm.load_checkpoint(str(tmp_path / "bad_sde.pt"))
+
+
+def test_io_failures_keep_files_and_give_one_line(tiny_ckpt, tmp_path, monkeypatch):
+    from PIL import Image
+
+    import train
+    out = tmp_path / "run"
+    args = [*TRAIN_TINY, "--steps", "2", "--log-every", "1", "--sample-every", "1000", "--out", str(out)]
+    assert CliRunner().invoke(train.main, args).exit_code == 0
+    before = (out / "ckpt.pt").read_bytes()
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    r = CliRunner().invoke(train.main, [*args, "--steps", "4", "--resume"])
+    assert r.exit_code == 1 and "No space left on device" in r.output, r.output
+    assert (out / "ckpt.pt").read_bytes() == before and not list(out.glob("*.tmp"))
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    (tmp_path / "old.png").write_bytes(b"an earlier grid")
+    r = run_sample("--ckpt", tiny_ckpt / "tiny.pt", "--solver", "heun", "--steps", 2, "--n", 2, "--out", tmp_path / "old.png")
+    assert r.exit_code == 1 and "No space left" in r.output and (tmp_path / "old.png").read_bytes() == b"an earlier grid"
+    monkeypatch.undo()
+    r = run_evaluate("export", tiny_ckpt / "tiny.pt", "--out", tmp_path, "--n", 0)
+    assert r.exit_code in (1, 2) and "Traceback" not in r.output
+    r = run_evaluate("export", tiny_ckpt / "tiny.pt", "--out", tmp_path / "old.png", "--n", 0)
+    assert r.exit_code == 1 and "exists; give --overwrite" in r.output
+    assert run_evaluate("export", tiny_ckpt / "tiny.pt", "--out", tmp_path / "old.png", "--n", 0, "--overwrite").exit_code == 0
+    # Output paths and checkpoints are checked before any sampling.
+    for args in (["compare", tiny_ckpt / "tiny.pt", "--out", "/proc/no/x.md"], ["compare", tiny_ckpt / "tiny.pt", tmp_path / "missing.pt"],
+                 ["sweep", "--ckpt", tiny_ckpt / "tiny.pt", "--out", "/proc/no/sweep"], ["fd", "--ckpt", tmp_path / "missing.pt"]):
+        r = run_evaluate(*args, "--n", 4, "--device", "cpu")
+        assert r.exit_code == 1 and "FD" not in r.output and "Traceback" not in r.output, (args, r.output)
+
+
+def test_sample_cli_interrupt_and_output_folders(tiny_ckpt, tmp_path, monkeypatch):
+    import data
+    import sample
+    target = tmp_path / "new" / "deeper" / "x.png"
+    r = run_sample("--ckpt", tiny_ckpt / "tiny.pt", "--label", "banana", "--out", target)
+    assert r.exit_code == 1 and not (tmp_path / "new").exists()  # nothing created by a failed run
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sgm, "sample", interrupted)
+    r = run_sample("--ckpt", tiny_ckpt / "tiny.pt", "--out", target)
+    assert r.exit_code == 130 and "nothing written" in r.output and not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    r = run_sample("--ckpt", tiny_ckpt / "tiny.pt", "--solver", "heun", "--steps", 2, "--n", 3, "--batch-size", 2, "--out", target)
+    assert r.exit_code == 0 and target.exists() and "2 of 3 images" in r.output  # a plain line per chunk when not a TTY
+    data_default = next(p.default for p in sample.main.params if p.name == "data_dir")
+    assert data_default == data.DATA_DIR and os.path.isabs(data_default)  # not the current directory
+
+
+def test_truncated_dataset_files_are_named(tmp_path):
+    import data
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in data.FILES:
+        (raw / name).write_bytes(b"\x00\x00\x08")  # cut short
+    with pytest.raises(data.DataError, match="cannot be read"):
+        data.load_fashion_mnist(str(tmp_path), train=False)

@@ -2,7 +2,7 @@
 Train a score-based model on FashionMNIST.
 
     python train.py --device cuda                   # the default model, on a GPU
-    python train.py --preset quick                  # a small model: garments in ~15 CPU minutes
+    python train.py --preset quick                  # a small model: garments in ~12 CPU minutes
     python train.py --resume --out runs/vp          # continue a run exactly where it stopped
     torchrun --nproc_per_node 2 train.py ...        # data-parallel on GPUs (or CPU processes)
 
@@ -13,10 +13,13 @@ and samples_<step>.png (EMA weights, Heun sampler, 35 NFE). The run's whole conf
 
 import copy
 import dataclasses
+import glob
 import json
 import math
 import os
+import signal
 import sys
+import tempfile
 import time
 
 import click
@@ -42,6 +45,8 @@ class Command(click.Command):
             return super().invoke(ctx)
         except sgm.SGMError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:  # a full disk, a read-only folder, ...: the files written stay intact
+            raise click.ClickException(f"{e.filename or 'I/O'}: {e.strerror or e}") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -78,12 +83,61 @@ def build_config(ctx, flags, stored=None):
         return sgm.TrainConfig(**{**sgm.PRESETS[preset], "preset": preset, **given})
     for name, value in given.items():
         if name not in RESUMABLE and value != getattr(stored, name):
+            flag = name.replace("_", "-")
+            flag = (
+                f"--{flag} {value}"
+                if not isinstance(value, bool)
+                else f"--{'' if value else 'no-'}{flag}"
+            )
             raise click.ClickException(
-                f"--{name.replace('_', '-')} {value} contradicts the run's {name} = "
+                f"{flag} contradicts the run's {name} = "
                 f"{getattr(stored, name)}; with --resume only --steps/--epochs and the logging "
                 f"intervals may change (or start a new run with another --out)"
             )
     return dataclasses.replace(stored, **{k: v for k, v in given.items() if k in RESUMABLE})
+
+
+def prepare_run_folder(out, resume, overwrite):
+    """Check the run folder before any work starts: a run in it is never replaced silently, and
+    temporary files of a save that was killed are removed."""
+    ckpt_path = os.path.join(out, "ckpt.pt")
+    os.makedirs(out, exist_ok=True)
+    tempfile.TemporaryFile(dir=out).close()  # writable? (else an OSError names the folder)
+    for tmp in glob.glob(os.path.join(out, "*.tmp")):
+        os.remove(tmp)
+    if os.path.exists(ckpt_path) and not resume:
+        if not overwrite:
+            try:
+                held = f"a run at step {sgm.load_checkpoint(ckpt_path).step}"
+            except sgm.CheckpointError:
+                held = "a checkpoint"
+            raise click.ClickException(
+                f"{out} holds {held}: use --resume to continue it, --out for a new run, or "
+                "--overwrite to replace it"
+            )
+        for name in ["ckpt.pt", "log.jsonl", *map(os.path.basename, glob.glob(f"{out}/samples_*"))]:
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+
+
+def truncate_log(path, step):
+    """Drop log rows after the checkpoint's step (written before a kill): each step appears once."""
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        data.save_text("".join(rows), path)
+
+
+def training_data(cfg, data_dir, world):
+    """Images (N, C, H, W) uint8 and labels (N,): the first cfg.limit_data, if set."""
+    images, labels = data.load_fashion_mnist(data_dir, train=True)
+    if cfg.limit_data:
+        images, labels = images[: cfg.limit_data], labels[: cfg.limit_data]
+    if len(images) < cfg.batch_size * world:
+        raise click.ClickException(
+            f"{len(images)} images are fewer than one global batch of {cfg.batch_size * world}"
+        )
+    return images, labels
 
 
 def new_checkpoint(cfg, images, device):
@@ -143,6 +197,7 @@ class Run:
     time_limit: float = None  # minutes
     progress: Progress = None
     task: int = None
+    stop: int = 0  # the signal that asked to stop
 
     @property
     def ckpt_path(self):
@@ -223,13 +278,14 @@ def sample_grid(run, step, n=64):
     data.save_png(x, sampler.data_range, os.path.join(run.out, f"samples_{step:07d}.png"))
 
 
-def log_interval(run, step, loss_sum, count, seconds):
+def log_interval(run, step, loss_sum, count, seconds, log):
     """The interval's mean loss (the only host sync): stop on NaN, else log.jsonl and progress."""
     loss = (loss_sum / count).item()
     if not math.isfinite(loss):
+        kept = f"{run.ckpt_path} is kept" if os.path.exists(run.ckpt_path) else "none was written"
         raise click.ClickException(
             f"loss became {loss} by step {step}; stopped without saving, the last good "
-            f"checkpoint {run.ckpt_path} is kept. Try a lower --lr or --grad-clip."
+            f"checkpoint {kept}. Try a lower --lr or --grad-clip."
         )
     rate = count * run.cfg.batch_size * run.world / seconds
     if run.rank == 0:
@@ -237,7 +293,10 @@ def log_interval(run, step, loss_sum, count, seconds):
         row = {"step": step, "loss": loss, "lr": lr, "img_per_s": rate}
         with open(os.path.join(run.out, "log.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
-    run.progress.update(run.task, completed=step, status=f"loss {loss:.4f}  {rate:.0f} img/s")
+    status = f"loss {loss:.4f}  {rate:.0f} img/s"
+    run.progress.update(run.task, completed=step, status=status)
+    if not log.is_terminal:  # redirected: the bar shows nothing until the end, so print a line
+        log.print(f"step {step}/{run.cfg.steps} {status}", highlight=False)
     return loss, rate
 
 
@@ -273,12 +332,13 @@ def log_interval(run, step, loss_sum, count, seconds):
 @click.option("--likelihood-weighting", is_flag=True, help="lambda(t) = g(t)^2, not std(t)^2.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder [runs/<sde>].")
 @click.option("--resume", is_flag=True, help="Continue <out>/ckpt.pt with its stored config.")
+@click.option("--overwrite", is_flag=True, help="Replace the run in --out (else it is refused).")
 @click.option("--seed", type=int, help="[0]")
 @click.option(
     "--data",
     "data_dir",
     type=click.Path(file_okay=False),
-    default="data",
+    default=data.DATA_DIR,
     show_default=True,
     help="FashionMNIST folder.",
 )
@@ -291,25 +351,32 @@ def log_interval(run, step, loss_sum, count, seconds):
 @click.pass_context
 def main(ctx, **flags):
     """Train a score-based generative model (Song et al. 2021) on FashionMNIST."""
+    if flags["epochs"] is not None and flags["steps"] is not None:
+        raise click.ClickException("give --steps or --epochs, not both")
+    for name in ("time_limit", "epochs"):  # click's ranges let NaN through
+        if flags[name] is not None:
+            sgm.check_number(f"--{name.replace('_', '-')}", flags[name], 0, 1e6, low_open=True)
     device, world, rank = setup_processes(flags["device"])
     if flags["time_limit"] and world > 1:
         raise click.ClickException("--time-limit works with one process only")
     out = flags["out"] or os.path.join("runs", flags["sde"])
     ckpt_path = os.path.join(out, "ckpt.pt")
+    if flags["resume"] and flags["overwrite"]:
+        raise click.ClickException("--resume continues the run in --out; --overwrite replaces it")
     stored = None
     if flags["resume"]:
         stored = sgm.load_checkpoint(ckpt_path, device, use_ema=False)
         if stored.resume is None:
             raise click.ClickException(f"{ckpt_path} has no optimizer state: it cannot be resumed")
     cfg = build_config(ctx, flags, stored.train_config if stored else None)
-
-    images, labels = data.load_fashion_mnist(flags["data_dir"], train=True)
-    if cfg.limit_data:
-        images, labels = images[: cfg.limit_data], labels[: cfg.limit_data]
-    if len(images) < cfg.batch_size * world:
+    if stored and flags["epochs"] is None and cfg.steps <= stored.step:
         raise click.ClickException(
-            f"{len(images)} images are fewer than one global batch of {cfg.batch_size * world}"
+            f"nothing to do: {out} is at step {stored.step} and --steps is {cfg.steps}"
         )
+    if rank == 0:
+        prepare_run_folder(out, flags["resume"], flags["overwrite"])
+
+    images, labels = training_data(cfg, flags["data_dir"], world)
     if flags["epochs"] is not None:
         cfg.steps = max(1, round(flags["epochs"] * len(images) / (cfg.batch_size * world)))
     torch.manual_seed(cfg.seed + rank)  # the network's initial weights
@@ -336,66 +403,99 @@ def main(ctx, **flags):
         out=out,
         time_limit=flags["time_limit"],
     )
-    if rank == 0:
-        os.makedirs(out, exist_ok=True)
+    if stored and rank == 0:
+        truncate_log(os.path.join(out, "log.jsonl"), stored.step)
     train(run)
 
 
-def interrupted(run, step, loss, log):
-    """Ctrl-C: save (unless the loss went bad) and exit 130."""
-    if math.isfinite(loss) or step == run.ckpt.step:
-        save(run, step)
-        log.print(
-            f"[yellow]interrupted at step {step}; checkpoint saved to {run.ckpt_path}. "
-            f"Continue with --resume --out {run.out}"
+def stop_on_signals(run):
+    """Ctrl-C (SIGINT) and SIGTERM (timeout, a cluster's scheduler) set run.stop; the loop then
+    saves at the end of the step, so --resume continues exactly. Returns the previous handlers."""
+
+    def handler(signum, frame):
+        run.stop = signum
+
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def check_weights(run, step):
+    """Before a save: weights that exploded (an lr far too high) must not replace a good
+    checkpoint. The loss, computed before each update, cannot see the last update's damage."""
+    net = run.ckpt.net
+    largest = max(float(p.detach().abs().max()) for p in net.parameters())
+    with torch.no_grad():
+        net.eval()  # no dropout: the training RNG stays untouched
+        probe = torch.zeros(1, *run.images.shape[1:], device=run.device)
+        healthy = torch.isfinite(net(probe, torch.full((1,), 0.5, device=run.device))).all()
+        net.train()
+    if not (math.isfinite(largest) and largest < 1e3 and healthy):
+        kept = f"{run.ckpt_path} is kept" if os.path.exists(run.ckpt_path) else "none was written"
+        raise click.ClickException(
+            f"the weights diverged by step {step} (largest |w| = {largest:.3g}); stopped without "
+            f"saving, the last good checkpoint {kept}. Try a lower --lr or --grad-clip."
         )
-    sys.exit(130)
+
+
+def announce(run, log):
+    n_params = sum(p.numel() for p in run.ckpt.net.parameters()) / 1e6
+    log.print(
+        f"[bold]sgm[/] {type(run.ckpt.sde).__name__} on {run.device} x{run.world}, "
+        f"{n_params:.2f} M parameters, batch {run.cfg.batch_size}x{run.world}, steps "
+        f"{run.ckpt.step} -> {run.cfg.steps}, {len(run.images)} images in {run.ckpt.data_range}, "
+        f"out {run.out}"
+    )
 
 
 def train(run):
     """The training loop: a step, then at intervals a log line, a checkpoint and a sample grid."""
     cfg, start = run.cfg, run.ckpt.step
     log = console if run.rank == 0 else Console(quiet=True)
-    n_params = sum(p.numel() for p in run.ckpt.net.parameters()) / 1e6
-    log.print(
-        f"[bold]sgm[/] {type(run.ckpt.sde).__name__} on {run.device} x{run.world}, "
-        f"{n_params:.2f} M parameters, batch {cfg.batch_size}x{run.world}, steps {start} -> "
-        f"{cfg.steps}, {len(run.images)} images in {run.ckpt.data_range}, out {run.out}"
-    )
+    announce(run, log)
     columns = (BarColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn())
     run.progress = Progress(TextColumn("step {task.completed}/{task.total}"), *columns,
                             TimeRemainingColumn(), console=log, disable=run.rank != 0)  # fmt: skip
     loss_sum, count, step = torch.zeros((), device=run.device), 0, start
     loss, rates, t_start, t_log, sampling = float("nan"), [], time.time(), time.time(), 0.0
+    handlers = stop_on_signals(run)
     try:
         with run.progress:
             run.task = run.progress.add_task("train", total=cfg.steps, completed=start, status="")
-            while step < cfg.steps:
+            end = cfg.steps  # earlier with --time-limit; the config keeps the planned steps
+            while step < end:
                 loss_sum += train_step(run, step).detach().float()
                 count, step = count + 1, step + 1
                 elapsed = time.time() - t_start - sampling
-                if run.time_limit and elapsed > 60 * run.time_limit and step < cfg.steps:
-                    cfg.steps = step  # out of time: this step is the last, saved below
+                if run.time_limit and elapsed > 60 * run.time_limit and step < end:
+                    end = step  # out of time: this step is the last, saved below
                     run.progress.update(run.task, total=step)
-                last = step == cfg.steps
+                last = step == end or run.stop
                 if step % cfg.log_every and step % cfg.ckpt_every and not last:
                     continue
-                loss, rate = log_interval(run, step, loss_sum, count, time.time() - t_log)
+                loss, rate = log_interval(run, step, loss_sum, count, time.time() - t_log, log)
                 rates.append(rate)
                 loss_sum.zero_()
                 count = 0
                 if step % cfg.ckpt_every == 0 or last:
+                    check_weights(run, step)
                     save(run, step)
+                if run.stop:
+                    break
                 if run.rank == 0 and (step % cfg.sample_every == 0 or last):
                     t_grid = time.time()
                     sample_grid(run, step)
                     sampling += time.time() - t_grid  # not training time
                 t_log = time.time()
-    except KeyboardInterrupt:
-        interrupted(run, step, (loss_sum / count).item() if count else loss, log)
     finally:
+        for sig, previous in handlers.items():
+            signal.signal(sig, previous)
         if run.world > 1:
             dist.destroy_process_group()
+    if run.stop:
+        log.print(
+            f"[yellow]stopped by {signal.Signals(run.stop).name} at step {step}; checkpoint saved "
+            f"to {run.ckpt_path}. Continue with --resume --out {run.out}"
+        )
+        sys.exit(128 + run.stop)  # 130 for Ctrl-C, 143 for SIGTERM
     rate = sorted(rates)[len(rates) // 2] if rates else float("nan")
     log.print(
         f"[bold green]done[/]: {step} steps, final loss {loss:.4f}, "

@@ -14,7 +14,7 @@ python evaluate.py compare $RUNS --solvers heun,ode,em,pc --n 256 --out assets/c
 for ck in $RUNS; do python evaluate.py bpd --ckpt $ck --n 200 --batch-size 100; done
 
 # Ship the chosen model (EMA weights, fp16; prints the FD before and after), then every figure from it
-python evaluate.py export runs/$BEST/ckpt.pt --out checkpoints/fmnist.pt --n 1000
+python evaluate.py export runs/$BEST/ckpt.pt --out checkpoints/fmnist.pt --overwrite --n 1000
 CK=checkpoints/fmnist.pt
 python evaluate.py sweep --ckpt $CK --n 256 --solvers heun,ode,em --max-steps 100 --out assets/sweep
 for s in em reverse_diffusion pc ald ode heun; do  # (ancestral is not defined for sub-VP)

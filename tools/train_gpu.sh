@@ -3,12 +3,12 @@
 #
 #   bash tools/train_gpu.sh [MINUTES] [DATA] [OUT]        # defaults: 6 minutes, data, runs/gpu
 #
-# Written for a GPU machine with PyTorch but no internet: DATA must hold the four FashionMNIST .gz files
-# (from /usr/share/datasets/fashion-mnist/ or the dataset's GitHub page). Several recipes of the default
-# preset (sub-VP, class-conditional) train side by side on the one GPU, since a 6 M-parameter U-Net on
-# 28x28 images leaves most of a large GPU idle; each gets MINUTES of training. OUT/<recipe>/ holds each
-# run, OUT/<recipe>.pt its export (EMA, fp16, 12 MB), and OUT/results.tar.gz the logs, sample grids,
-# the solo training throughput (speed.txt) and FD / bits/dim of each export (eval.txt).
+# Written for a GPU machine with PyTorch but no internet: DATA must hold the four FashionMNIST .gz
+# files (from /usr/share/datasets/fashion-mnist/ or the dataset's GitHub page). Several recipes of the
+# default preset (sub-VP, class-conditional) train side by side on the one GPU, since a 6 M-parameter
+# U-Net on 28x28 images leaves most of a large GPU idle; each gets MINUTES of training. OUT/<recipe>/
+# holds each run, OUT/<recipe>.pt its export (EMA, fp16, 12 MB), and OUT/results.tar.gz the logs,
+# sample grids, the solo training throughput (speed.txt) and FD / bits/dim of each export (eval.txt).
 # Set RECIPES to "name:flags|name:flags|..." to train others.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +36,7 @@ for recipe in "${LIST[@]}"; do
   flags=${recipe#*:}
   # shellcheck disable=SC2086
   python train.py --preset default --sde subvp --conditional --device "$DEVICE" --data "$DATA" \
-    --time-limit "$MINUTES" --steps 1000000 --log-every 200 $flags --out "$OUT/$name" \
+    --time-limit "$MINUTES" --steps 1000000 --overwrite --log-every 200 $flags --out "$OUT/$name" \
     > "$OUT/$name.log" 2>&1 &
   pids+=($!)
 done
@@ -48,7 +48,7 @@ for recipe in "${LIST[@]}"; do
   name=${recipe%%:*}
   tail -n 2 "$OUT/$name.log"
   [ -f "$OUT/$name/ckpt.pt" ] || continue
-  (python evaluate.py export "$OUT/$name/ckpt.pt" --out "$OUT/$name.pt" --n 0 --device "$DEVICE" &&
+  (python evaluate.py export "$OUT/$name/ckpt.pt" --out "$OUT/$name.pt" --overwrite --n 0 --device "$DEVICE" &&
    python evaluate.py fd --ckpt "$OUT/$name.pt" --n "$FD_N" --device "$DEVICE" --data "$DATA" &&
    python evaluate.py bpd --ckpt "$OUT/$name.pt" --n "$BPD_N" --batch-size 500 --device "$DEVICE" \
      --data "$DATA") > "$OUT/$name.eval.txt" 2>&1 &
