@@ -11,6 +11,7 @@ import gzip
 import os
 import shutil
 import tempfile
+import zlib
 
 import torch
 
@@ -53,10 +54,15 @@ def load_fashion_mnist(root=DATA_DIR, train=True):
     if not all(os.path.isfile(os.path.join(raw, name)) for name in FILES):
         for source in (raw, root, DEBIAN_DIR):
             if all(os.path.isfile(os.path.join(source, name + ".gz")) for name in FILES):
-                os.makedirs(raw, exist_ok=True)
                 for name in FILES:
-                    with gzip.open(os.path.join(source, name + ".gz"), "rb") as f:
-                        sgm.atomic_write(os.path.join(raw, name), lambda tmp: copy_to(f, tmp))
+                    path = os.path.join(source, name + ".gz")
+                    try:
+                        with gzip.open(path, "rb") as f:
+                            sgm.atomic_write(os.path.join(raw, name), lambda tmp: copy_to(f, tmp))
+                    except (OSError, EOFError, zlib.error) as e:
+                        raise DataError(
+                            f"{path} cannot be decompressed ({e}): replace it"
+                        ) from None
                 break
     try:
         download = not os.path.isdir(raw) or not os.listdir(raw)

@@ -255,7 +255,9 @@ def write_output(x, frames, labels, ckpt, out, nrow):
 @click.option(
     "--atol", type=click.FloatRange(0, min_open=True), default=1e-5, help="ode absolute tolerance."
 )
-@click.option("--eps", type=click.FloatRange(0, 1, min_open=True), default=1e-3, help="Final time.")
+@click.option(
+    "--eps", type=click.FloatRange(0, 0.5, min_open=True), default=1e-3, help="Final time."
+)
 @click.option("--seed", type=int, default=0)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--ema/--no-ema", default=True, help="Sample with the EMA weights.")

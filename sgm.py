@@ -1082,6 +1082,8 @@ def load_checkpoint(ckpt_path, device="cpu", use_ema=True):
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{ckpt_path}: not an sgm checkpoint (no '{FORMAT}' format tag)")
     try:
+        if not isinstance(state["step"], int) or state["step"] < 0:
+            raise ValueError(f"step {state['step']!r}")
         low, high = (float(v) for v in state["data_range"])
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
             raise ValueError(f"data_range {state['data_range']!r}")

@@ -459,18 +459,34 @@ def test_train_refuses_to_replace_a_run(tmp_path):
     import train
     out = tmp_path / "run"
     args = [*TRAIN_TINY, "--steps", "2", "--log-every", "1", "--sample-every", "1000", "--out", str(out)]
-    assert CliRunner().invoke(train.main, args).exit_code == 0
+    r = CliRunner().invoke(train.main, args)
+    assert r.exit_code == 0 and "step 1/2 loss" in r.output  # a plain line per interval when not a TTY
     before = (out / "ckpt.pt").read_bytes()
     (out / "tmpabc.pt.tmp").write_bytes(b"half a save")  # left by a kill during a save
     r = CliRunner().invoke(train.main, [*args[:-4], "--steps", "1", "--out", str(out)])
     assert r.exit_code == 1 and "holds a run at step 2: use --resume" in r.output and "--overwrite" in r.output
     assert (out / "ckpt.pt").read_bytes() == before and len(read_log(out)) == 2
-    assert not list(out.glob("*.tmp"))  # cleaned up on the next start
+    r = CliRunner().invoke(train.main, [*args, "--steps", "1", "--overwrite", "--limit-data", "8"])  # fails late
+    assert r.exit_code == 1 and "fewer than one global batch" in r.output
+    assert (out / "ckpt.pt").read_bytes() == before and len(read_log(out)) == 2  # the old run survives
     r = CliRunner().invoke(train.main, [*args, "--steps", "1", "--overwrite"])
     assert r.exit_code == 0, r.output
     assert sgm.load_checkpoint(str(out / "ckpt.pt")).step == 1 and [row["step"] for row in read_log(out)] == [1]
+    assert not list(out.glob("*.tmp"))  # cleaned up when a run starts
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')  # a row cut short by a kill
     r = CliRunner().invoke(train.main, [*args, "--resume"])  # from step 1 to --steps 2
     assert r.exit_code == 0, r.output
+    assert [row["step"] for row in read_log(out)] == [1, 2]
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    for change, words in [(dict(optimizer="x"), "damaged resume state"), (dict(step="40"), "damaged sgm checkpoint")]:
+        torch.save({**state, **change}, out / "ckpt.pt")
+        r = CliRunner().invoke(train.main, [*args, "--resume", "--steps", "3"])
+        assert r.exit_code == 1 and words in r.output and "Traceback" not in r.output, r.output
+    torch.save(state, out / "ckpt.pt")
+    fresh = tmp_path / "fresh" / "run"
+    r = CliRunner().invoke(train.main, [*args[:-2], "--out", str(fresh), "--limit-data", "8"])
+    assert r.exit_code == 1 and not (tmp_path / "fresh").exists()  # a failed run creates no folder
     r = CliRunner().invoke(train.main, [*args, "--resume", "--steps", "1"])
     assert r.exit_code == 1 and "nothing to do" in r.output
     r = CliRunner().invoke(train.main, [*args, "--resume", "--overwrite"])
@@ -537,6 +553,18 @@ def test_train_stops_on_nan_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     result = CliRunner().invoke(train.main, [*args[:-2], "--steps", "8", "--out", str(out), "--resume"])
     assert result.exit_code == 1 and "loss became nan" in result.output and "kept" in result.output
     assert (out / "ckpt.pt").read_bytes() == good
+
+
+def test_train_refuses_to_save_exploded_weights(tmp_path):
+    import train
+    out = tmp_path / "run"
+    args = [*TRAIN_TINY, "--lr", "1000", "--grad-clip", "1e6", "--warmup", "0", "--ckpt-every", "1", "--log-every", "1",
+            "--sample-every", "1000", "--steps", "10", "--out", str(out)]
+    r = CliRunner().invoke(train.main, args)
+    assert r.exit_code == 1 and "weights diverged" in r.output and "Traceback" not in r.output, r.output
+    if (out / "ckpt.pt").exists():  # an earlier, still sane checkpoint may stay; a broken one never
+        net = sgm.load_checkpoint(str(out / "ckpt.pt"), use_ema=False).net
+        assert max(float(p.abs().max()) for p in net.parameters()) < 1e3
 
 
 def test_train_missing_data_message(tmp_path, monkeypatch):
@@ -941,3 +969,9 @@ def test_truncated_dataset_files_are_named(tmp_path):
         (raw / name).write_bytes(b"\x00\x00\x08")  # cut short
     with pytest.raises(data.DataError, match="cannot be read"):
         data.load_fashion_mnist(str(tmp_path), train=False)
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    for name in data.FILES:
+        (gz / f"{name}.gz").write_bytes(open(os.path.join(data.DEBIAN_DIR, f"{name}.gz"), "rb").read()[:2000])  # cut short
+    with pytest.raises(data.DataError, match="cannot be decompressed"):
+        data.load_fashion_mnist(str(gz), train=False)

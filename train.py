@@ -6,8 +6,8 @@ Train a score-based model on FashionMNIST.
     python train.py --resume --out runs/vp          # continue a run exactly where it stopped
     torchrun --nproc_per_node 2 train.py ...        # data-parallel on GPUs (or CPU processes)
 
-A run folder holds ckpt.pt (atomic, also written on Ctrl-C), log.jsonl (one line per log interval)
-and samples_<step>.png (EMA weights, Heun sampler, 35 NFE). The run's whole configuration
+A run folder holds ckpt.pt (atomic; also written on Ctrl-C and SIGTERM), log.jsonl (a line per log
+interval) and samples_<step>.png (EMA weights, Heun, 35 NFE). The run's whole configuration
 (sgm.TrainConfig: the preset, then the flags) is stored in the checkpoint; --resume restores it.
 """
 
@@ -19,7 +19,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import time
 
 import click
@@ -97,35 +96,47 @@ def build_config(ctx, flags, stored=None):
     return dataclasses.replace(stored, **{k: v for k, v in given.items() if k in RESUMABLE})
 
 
-def prepare_run_folder(out, resume, overwrite):
-    """Check the run folder before any work starts: a run in it is never replaced silently, and
-    temporary files of a save that was killed are removed."""
+def check_run_folder(out, resume, overwrite):
+    """Before any work: a run in --out is never replaced silently, and --out can be written.
+    Nothing is created or removed yet (see start_run_folder)."""
     ckpt_path = os.path.join(out, "ckpt.pt")
+    if os.path.isfile(out):
+        raise click.ClickException(f"--out {out} is a file, not a folder")
+    data.check_writable(ckpt_path)
+    if os.path.exists(ckpt_path) and not resume and not overwrite:
+        try:
+            held = f"a run at step {sgm.load_checkpoint(ckpt_path).step}"
+        except sgm.CheckpointError:
+            held = "a checkpoint"
+        raise click.ClickException(
+            f"{out} holds {held}: use --resume to continue it, --out for a new run, or "
+            "--overwrite to replace it"
+        )
+
+
+def start_run_folder(out, resume_step=None):
+    """Once the run is built, just before training: create the folder and remove temporary files
+    of a save that was killed. A new run clears what an earlier one left (its checkpoint, only
+    with --overwrite; a log or grids without one); a resumed run drops the log rows written after
+    its checkpoint, so each step appears once."""
     os.makedirs(out, exist_ok=True)
-    tempfile.TemporaryFile(dir=out).close()  # writable? (else an OSError names the folder)
     for tmp in glob.glob(os.path.join(out, "*.tmp")):
         os.remove(tmp)
-    if os.path.exists(ckpt_path) and not resume:
-        if not overwrite:
-            try:
-                held = f"a run at step {sgm.load_checkpoint(ckpt_path).step}"
-            except sgm.CheckpointError:
-                held = "a checkpoint"
-            raise click.ClickException(
-                f"{out} holds {held}: use --resume to continue it, --out for a new run, or "
-                "--overwrite to replace it"
-            )
-        for name in ["ckpt.pt", "log.jsonl", *map(os.path.basename, glob.glob(f"{out}/samples_*"))]:
-            if os.path.exists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
-
-
-def truncate_log(path, step):
-    """Drop log rows after the checkpoint's step (written before a kill): each step appears once."""
-    if os.path.exists(path):
-        with open(path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        data.save_text("".join(rows), path)
+    log_path = os.path.join(out, "log.jsonl")
+    if resume_step is None:
+        for path in [os.path.join(out, "ckpt.pt"), log_path, *glob.glob(f"{out}/samples_*.png")]:
+            if os.path.exists(path):
+                os.remove(path)
+    elif os.path.exists(log_path):
+        rows = []
+        with open(log_path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        rows.append(line)
+                except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+                    pass
+        data.save_text("".join(rows), log_path)
 
 
 def training_data(cfg, data_dir, world):
@@ -282,7 +293,7 @@ def log_interval(run, step, loss_sum, count, seconds, log):
     """The interval's mean loss (the only host sync): stop on NaN, else log.jsonl and progress."""
     loss = (loss_sum / count).item()
     if not math.isfinite(loss):
-        kept = f"{run.ckpt_path} is kept" if os.path.exists(run.ckpt_path) else "none was written"
+        kept = f"{run.ckpt_path} is kept" if os.path.exists(run.ckpt_path) else "is none yet"
         raise click.ClickException(
             f"loss became {loss} by step {step}; stopped without saving, the last good "
             f"checkpoint {kept}. Try a lower --lr or --grad-clip."
@@ -374,7 +385,7 @@ def main(ctx, **flags):
             f"nothing to do: {out} is at step {stored.step} and --steps is {cfg.steps}"
         )
     if rank == 0:
-        prepare_run_folder(out, flags["resume"], flags["overwrite"])
+        check_run_folder(out, flags["resume"], flags["overwrite"])
 
     images, labels = training_data(cfg, flags["data_dir"], world)
     if flags["epochs"] is not None:
@@ -382,7 +393,11 @@ def main(ctx, **flags):
     torch.manual_seed(cfg.seed + rank)  # the network's initial weights
     ckpt = stored or new_checkpoint(cfg, images, device)
     ckpt.train_config = cfg
-    ema, optimizer = training_state(ckpt, cfg, device, rank)
+    try:
+        ema, optimizer = training_state(ckpt, cfg, device, rank)
+    except (KeyError, TypeError, AttributeError, RuntimeError, ValueError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:100]
+        raise click.ClickException(f"{ckpt_path}: damaged resume state ({reason})") from None
 
     # Speed set-up: autocast, compile and DDP in three lines.
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda") and cfg.amp)
@@ -403,8 +418,8 @@ def main(ctx, **flags):
         out=out,
         time_limit=flags["time_limit"],
     )
-    if stored and rank == 0:
-        truncate_log(os.path.join(out, "log.jsonl"), stored.step)
+    if rank == 0:
+        start_run_folder(out, stored.step if stored else None)
     train(run)
 
 
@@ -429,7 +444,7 @@ def check_weights(run, step):
         healthy = torch.isfinite(net(probe, torch.full((1,), 0.5, device=run.device))).all()
         net.train()
     if not (math.isfinite(largest) and largest < 1e3 and healthy):
-        kept = f"{run.ckpt_path} is kept" if os.path.exists(run.ckpt_path) else "none was written"
+        kept = f"{run.ckpt_path} is kept" if os.path.exists(run.ckpt_path) else "is none yet"
         raise click.ClickException(
             f"the weights diverged by step {step} (largest |w| = {largest:.3g}); stopped without "
             f"saving, the last good checkpoint {kept}. Try a lower --lr or --grad-clip."
