@@ -59,7 +59,7 @@ def load_fashion_mnist(root=DATA_DIR, train=True):
                     try:
                         with gzip.open(path, "rb") as f:
                             sgm.atomic_write(os.path.join(raw, name), lambda tmp: copy_to(f, tmp))
-                    except (OSError, EOFError, zlib.error) as e:
+                    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # not write errors
                         raise DataError(
                             f"{path} cannot be decompressed ({e}): replace it"
                         ) from None
