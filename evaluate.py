@@ -492,6 +492,8 @@ def compare_command(ckpt_paths, solvers, nfe, n, out, seed, device, data_dir):
     stochastic solvers at --nfe evaluations."""
     device = data.resolve_device(device)
     chosen = [s.strip() for s in solvers.split(",") if s.strip()]
+    if not chosen:
+        raise click.ClickException("--solvers names no solver")
     for s in chosen:
         if s not in sgm.SOLVERS:
             raise click.ClickException(
@@ -577,13 +579,14 @@ def export_command(ckpt_path, out, overwrite, half, n, seed, device, data_dir):
         raise click.ClickException(f"--out {out} exists; give --overwrite to replace it")
     data.check_writable(out)
     exported = sgm.load_checkpoint(ckpt_path, "cpu")  # the EMA weights, where the file has them
+    kind = "EMA weights" if exported.is_ema else "weights (the file has no EMA)"
     exported.is_ema = True  # stored as the EMA weights, alone
     exported.extra = {**exported.extra, "exported_from": ckpt_path, "half": half}
     if half:
         exported.net.half()  # floats to fp16; load_checkpoint casts them back to fp32
     sgm.save_checkpoint(out, exported)
     console.print(
-        f"wrote {out}: {os.path.getsize(out) / 1e6:.2f} MB, EMA weights of {ckpt_path} at step "
+        f"wrote {out}: {os.path.getsize(out) / 1e6:.2f} MB, {kind} of {ckpt_path} at step "
         f"{exported.step}{' in fp16' if half else ''}"
     )
     if n:

@@ -976,6 +976,8 @@ class TrainConfig:
     ckpt_every: int = 2500
 
     def __post_init__(self):
+        if self.sde not in SDES:
+            raise SGMError(f"unknown SDE {self.sde!r}; known: {', '.join(SDES)}")
         check_number("lr", self.lr, 0, 1e3, low_open=True)
         check_number("ema_decay", self.ema_decay, 0, 1)
         check_number("grad_clip", self.grad_clip, 0, 1e6, low_open=True)
