@@ -19,14 +19,19 @@ DEVICE=${DEVICE:-cuda}
 FD_N=${FD_N:-2000}     # samples per FD (heun, 35 NFE)
 BPD_N=${BPD_N:-500}    # test images for bits/dim
 SPEED_ITERS=${SPEED_ITERS:-20}
-: "${RECIPES:=base:--lr 2e-4|lr5e-4:--lr 5e-4 --warmup 1000 --ema-decay 0.9995|lr5e-4_b256:--lr 5e-4 --batch-size 256 --warmup 1000 --ema-decay 0.9995|lr1e-3_b512:--lr 1e-3 --batch-size 512 --warmup 1000 --ema-decay 0.9995}"
+DEFAULT_RECIPES="base:--lr 2e-4"
+DEFAULT_RECIPES+="|lr5e-4:--lr 5e-4 --warmup 1000 --ema-decay 0.9995"
+DEFAULT_RECIPES+="|lr5e-4_b256:--lr 5e-4 --batch-size 256 --warmup 1000 --ema-decay 0.9995"
+DEFAULT_RECIPES+="|lr1e-3_b512:--lr 1e-3 --batch-size 512 --warmup 1000 --ema-decay 0.9995"
+: "${RECIPES:=$DEFAULT_RECIPES}"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 mkdir -p "$OUT"
-python -c "import data; data.load_fashion_mnist('$DATA', True); data.load_fashion_mnist('$DATA', False)"
-python -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else '')" \
+python -c "import data; data.load_fashion_mnist('$DATA'); data.load_fashion_mnist('$DATA', False)"
+python -c "import torch as t; print(t.__version__, t.cuda.is_available() and t.cuda.get_device_name())" \
   | tee "$OUT/speed.txt"
 for b in 128 512; do  # one process alone on the device
-  python evaluate.py speed --device "$DEVICE" --batch-size $b --iters "$SPEED_ITERS" 2>&1 | tee -a "$OUT/speed.txt"
+  python evaluate.py speed --device "$DEVICE" --batch-size $b --iters "$SPEED_ITERS" 2>&1 \
+    | tee -a "$OUT/speed.txt"
 done
 
 IFS='|' read -ra LIST <<< "$RECIPES"
@@ -48,7 +53,8 @@ for recipe in "${LIST[@]}"; do
   name=${recipe%%:*}
   tail -n 2 "$OUT/$name.log"
   [ -f "$OUT/$name/ckpt.pt" ] || continue
-  (python evaluate.py export "$OUT/$name/ckpt.pt" --out "$OUT/$name.pt" --overwrite --n 0 --device "$DEVICE" &&
+  (python evaluate.py export "$OUT/$name/ckpt.pt" --out "$OUT/$name.pt" --overwrite --n 0 \
+     --device "$DEVICE" &&
    python evaluate.py fd --ckpt "$OUT/$name.pt" --n "$FD_N" --device "$DEVICE" --data "$DATA" &&
    python evaluate.py bpd --ckpt "$OUT/$name.pt" --n "$BPD_N" --batch-size 500 --device "$DEVICE" \
      --data "$DATA") > "$OUT/$name.eval.txt" 2>&1 &
