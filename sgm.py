@@ -1009,6 +1009,11 @@ class CheckpointError(SGMError):
     pass
 
 
+def first_line(error, limit=100):
+    """An exception's message cut to one short line, for the one-line errors of a damaged file."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 def atomic_write(path, write):
     """write(tmp_path), then rename over `path`: a file is replaced only by a complete one, and a
     crash never leaves half a file. For checkpoints, images, arrays and tables alike."""
@@ -1077,7 +1082,7 @@ def load_checkpoint(ckpt_path, device="cpu", use_ema=True):
             warnings.simplefilter("ignore")
             state = torch.load(ckpt_path, map_location=device, weights_only=True)
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+        reason = first_line(e)
         if "Weights only load failed" in reason:
             reason = "it holds objects that weights_only=True refuses: a foreign or unsafe file"
         raise CheckpointError(f"{ckpt_path}: not a readable checkpoint ({reason})") from None
@@ -1115,5 +1120,4 @@ def load_checkpoint(ckpt_path, device="cpu", use_ema=True):
             else None,
         )
     except (KeyError, TypeError, AttributeError, RuntimeError, ValueError, ZeroDivisionError) as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
-        raise CheckpointError(f"{ckpt_path}: damaged sgm checkpoint ({reason})") from None
+        raise CheckpointError(f"{ckpt_path}: damaged sgm checkpoint ({first_line(e)})") from None

@@ -396,7 +396,7 @@ def main(ctx, **flags):
     try:
         ema, optimizer = training_state(ckpt, cfg, device, rank)
     except (KeyError, TypeError, AttributeError, RuntimeError, ValueError) as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:100]
+        reason = sgm.first_line(e)
         raise click.ClickException(f"{ckpt_path}: damaged resume state ({reason})") from None
 
     # Speed set-up: autocast, compile and DDP in three lines.
