@@ -44,25 +44,22 @@ CLASSIFIER_SHA256 = "e4a16879aac282cec5f7be1381fdc19615a1d04e7a8c641bbfd5e62c4e3
 # The feature network
 
 
+def conv_bn_relu(in_ch, out_ch):
+    """Three layers, flattened into the Sequential so the saved weights keep their names."""
+    return [nn.Conv2d(in_ch, out_ch, 3, padding=1), nn.BatchNorm2d(out_ch), nn.ReLU()]
+
+
 class Classifier(nn.Module):
     """A small CNN for 1x28x28 images; `features` gives the 256-d penultimate activations."""
 
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1),
-            nn.BatchNorm2d(32),
-            nn.ReLU(),
-            nn.Conv2d(32, 32, 3, padding=1),
-            nn.BatchNorm2d(32),
-            nn.ReLU(),
+            *conv_bn_relu(1, 32),
+            *conv_bn_relu(32, 32),
             nn.MaxPool2d(2),  # 14x14
-            nn.Conv2d(32, 64, 3, padding=1),
-            nn.BatchNorm2d(64),
-            nn.ReLU(),
-            nn.Conv2d(64, 64, 3, padding=1),
-            nn.BatchNorm2d(64),
-            nn.ReLU(),
+            *conv_bn_relu(32, 64),
+            *conv_bn_relu(64, 64),
             nn.MaxPool2d(2),  # 7x7
             nn.Flatten(),
             nn.Dropout(0.3),
