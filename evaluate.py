@@ -132,17 +132,37 @@ def machine():
     return f"{cpu} ({os.cpu_count()} cores, {threads} threads){gpu}, torch {torch.__version__}"
 
 
-def generate(ckpt, solver, steps, n, device, batch_size=500, seed=0, progress=None, **options):
-    """n samples as uint8 (n, C, H, W) from a loaded checkpoint, the mean NFE and the seconds."""
+def sample_labels(ckpt, labels, n, seed, device):
+    """(n,) labels drawn from the training classes (labels 'prior'), or None: the dropped label of
+    a conditional model ('none'), or an unconditional model."""
+    if labels == "prior" and ckpt.model_config.num_classes:
+        return ckpt.prior_labels(n, seed, device)
+    return None
+
+
+def labels_used(ckpt, labels):
+    """The sentence that says how a (conditional) model was sampled."""
+    if not ckpt.model_config.num_classes:
+        return "unconditional model"
+    if labels == "prior":
+        return "labels drawn from the training classes' frequencies, w = 0"
+    return "the dropped label (the unconditional score)"
+
+
+def generate(ckpt, solver, steps, n, device, batch_size=500, seed=0, progress=None,
+             labels="prior", **options):  # fmt: skip
+    """n samples as uint8 (n, C, H, W) from a loaded checkpoint, the mean NFE and the seconds.
+    labels: 'prior' or 'none' (see `sample_labels`). The prior noise depends on the seed alone."""
     config = ckpt.model_config
     shape = (config.image_channels, config.image_size, config.image_size)
     generator = torch.Generator(device).manual_seed(seed)
+    all_labels = sample_labels(ckpt, labels, n, seed, device)
     out, nfes, start = [], [], time.time()
     task = progress.add_task(f"{solver} {steps}", total=n) if progress else None
     for i in range(0, n, batch_size):
         b = min(batch_size, n - i)
         x, nfe = sgm.sample(
-            ckpt.score_fn(),
+            ckpt.score_fn(None if all_labels is None else all_labels[i : i + b]),
             ckpt.sde,
             (b, *shape),
             solver,
@@ -229,42 +249,72 @@ data_option = click.option(
 )
 
 
+labels_option = click.option(
+    "--labels",
+    type=click.Choice(["prior", "none"]),
+    default="prior",
+    help="Conditional models: labels drawn from the training classes' frequencies (w = 0), or "
+    "none: the dropped label.",
+)
+
+
+def parse_arm(text):
+    """'SOLVER' or 'SOLVER:OPTION=VALUE:...' (e.g. 'edm:s_churn=5') -> (solver, options)."""
+    solver, *pairs = text.strip().split(":")
+    if solver not in sgm.SOLVERS:
+        names = ", ".join(sgm.SOLVERS)
+        raise click.ClickException(f"unknown solver {solver!r}; choose from {names}")
+    known, options = sgm.solver_options(solver), {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in known:
+            takes = ", ".join(known) or "none"
+            raise click.ClickException(f"{solver} has no option {key!r} (its options: {takes})")
+        kind = type(known[key])  # float, int or str, from the default
+        try:
+            options[key] = kind(value)
+        except ValueError:
+            what = {float: "a number", int: "a whole number"}.get(kind, "a name")
+            raise click.ClickException(f"{text}: {key} takes {what}, not {value!r}") from None
+    sgm.check_options(options)
+    return solver, options
+
+
 @main.command("fd")
 @ckpt_option
-@click.option("--solver", type=click.Choice(list(sgm.SOLVERS)), default="heun")
-@click.option("--steps", type=click.IntRange(1), default=None, help="[1000; heun 18]")
+@click.option(
+    "--solver",
+    "arm",
+    default="heun",
+    help="A solver, with options if any: 'edm:s_churn=5:s_tmin=0.05', 'pc:snr=0.1:corrector=ald'.",
+)
+@click.option("--steps", type=click.IntRange(1), default=None, help="[the solver's default]")
 @click.option("--n", type=click.IntRange(2), default=2000)
 @click.option("--rtol", type=float, default=1e-5, help="ODE tolerance, in [1e-12, 1].")
 @click.option("--atol", type=float, default=1e-5, help="ODE tolerance, in [1e-12, 1].")
 @click.option("--seed", type=int, default=0)
+@labels_option
 @device_option
 @data_option
-def fd_command(ckpt_path, solver, steps, n, rtol, atol, seed, device, data_dir):
+def fd_command(ckpt_path, arm, steps, n, rtol, atol, seed, labels, device, data_dir):
     """Frechet distance of N samples to the test set, the real-data floor, the class histogram."""
     device, ckpt_path = data.resolve_device(device), ckpt_path or data.default_checkpoint()
+    solver, options = parse_arm(arm)
     steps = steps or sgm.SOLVERS[solver].steps
-    sgm.check_number("--rtol", rtol, 1e-12, 1)
-    sgm.check_number("--atol", atol, 1e-12, 1)
+    sgm.check_options(dict(rtol=rtol, atol=atol), flags=True)
     ckpt = sgm.load_checkpoint(ckpt_path, device)  # before the slow part: a bad path fails at once
     scorer = Scorer(data_dir, device)
     with Progress(console=console) as progress:
         images, nfe, seconds = generate(
-            ckpt,
-            solver,
-            steps,
-            n,
-            device,
-            seed=seed,
-            progress=progress,
-            rtol=rtol,
-            atol=atol,
-        )
+            ckpt, solver, steps, n, device, seed=seed, progress=progress, labels=labels,
+            **{"rtol": rtol, "atol": atol, **options},
+        )  # fmt: skip
     fd, hist = scorer.fd(images)
     floor = scorer.floor(n, seed)
     setting = f"rtol {rtol:g} atol {atol:g}" if solver == "ode" else f"steps {steps}"
     console.print(
-        f"FD {fd:.2f} (floor {floor:.2f}: {n} training images vs test) | {solver}, {setting}, "
-        f"{nfe:.0f} NFE, "
+        f"FD {fd:.2f} (floor {floor:.2f}: {n} training images vs test) | {arm}, {setting}, "
+        f"{nfe:.0f} NFE, {labels_used(ckpt, labels)}, seed {seed}, "
         f"{n} samples in {seconds:.0f} s | {ckpt_path} | {machine()}, {device}"
     )
     console.print(
@@ -318,142 +368,156 @@ def bpd_command(ckpt_path, n, batch_size, rtol, atol, seed, device, data_dir):
     )
 
 
-SWEEP = {
+SWEEP_STEPS = {  # step counts per solver; the ODE's are tolerances
     "heun": (5, 10, 18, 35, 50),
-    "em": (10, 20, 50, 100, 1000),
-    "reverse_diffusion": (10, 20, 50, 100, 1000),
-    "ancestral": (10, 20, 50, 100, 1000),
-    "pc": (10, 20, 50, 100, 500),
-    "ald": (10, 20, 50, 100, 500),
+    "edm": (10, 18, 35),
+    "dpmpp_2m": (5, 10, 20, 35),
+    "dpmpp_2m_sde": (10, 20, 35, 50),
+    "em": (20, 50, 200, 1000),
+    "reverse_diffusion": (20, 50, 200, 1000),
+    "ancestral": (20, 50, 200, 1000),
+    "pc": (10, 25, 100, 500),
+    "ald": (10, 25, 100, 500),
     "ode": (1e-2, 1e-3, 1e-4, 1e-5),
 }
-COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
+SWEEP_ARMS = (
+    "heun,edm:s_churn=5:s_tmin=0.05:s_tmax=50,edm:s_churn=20:s_tmin=0.05:s_tmax=50,dpmpp_2m,"
+    "dpmpp_2m_sde,dpmpp_2m_sde:eta=0.5,em,pc,pc:snr=0.08@25/100,pc:snr=0.3@25/100,ode"
+)
+COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+          "#bcbd22", "#17becf", "#000000")  # fmt: skip
+
+
+def log_ticks(lo, hi):
+    """1-2-5 values whose log10 lies in [lo, hi]."""
+    values = (m * 10**p for p in range(math.floor(lo), math.ceil(hi) + 1) for m in (1, 2, 5))
+    return [v for v in values if lo <= math.log10(v) <= hi]
 
 
 def plot_sweep(rows, floor, path, title):
-    """A log-x line plot of FD against NFE, drawn with PIL."""
+    """A log-log line plot of FD against NFE, drawn with PIL."""
     from PIL import Image, ImageDraw
 
-    W, H, left, right, top, bottom = 760, 480, 70, 170, 40, 50
+    W, H, left, right, top, bottom = 960, 480, 70, 300, 40, 50
     image = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(image)
     nfes = [r["nfe"] for r in rows]
-    fds = [r["fd"] for r in rows] + [floor]
+    fds = [max(r["fd"], 1e-3) for r in rows] + [max(floor, 1e-3)]
     x_lo, x_hi = math.log10(max(1, min(nfes))) - 0.1, math.log10(max(nfes)) + 0.1
-    y_lo, y_hi = 0.0, max(fds) * 1.05 or 1.0
+    y_lo, y_hi = math.log10(min(fds)) - 0.1, math.log10(max(fds)) + 0.1
 
     def xy(nfe, fd):
         return (
             left + (math.log10(nfe) - x_lo) / (x_hi - x_lo) * (W - left - right),
-            H - bottom - (min(fd, y_hi) - y_lo) / (y_hi - y_lo) * (H - top - bottom),
+            H - bottom - (math.log10(max(fd, 1e-3)) - y_lo) / (y_hi - y_lo) * (H - top - bottom),
         )
 
     draw.rectangle([left, top, W - right, H - bottom], outline="black")
-    for p in range(math.ceil(x_lo), math.floor(x_hi) + 1):
-        for m in (1, 2, 5):
-            if x_lo <= math.log10(m * 10**p) <= x_hi:
-                x = xy(m * 10**p, 0)[0]
-                draw.line([x, H - bottom, x, H - bottom + 5], fill="black")
-                draw.text((x - 8, H - bottom + 8), f"{m * 10**p:g}", fill="black")
-    for k in range(6):
-        fd = y_lo + k * (y_hi - y_lo) / 5
+    for nfe in log_ticks(x_lo, x_hi):
+        x = xy(nfe, 10**y_lo)[0]
+        draw.line([x, H - bottom, x, H - bottom + 5], fill="black")
+        draw.text((x - 8, H - bottom + 8), f"{nfe:g}", fill="black")
+    for fd in log_ticks(y_lo, y_hi):
         y = xy(10**x_lo, fd)[1]
         draw.line([left - 5, y, left, y], fill="black")
-        draw.text((8, y - 6), f"{fd:.1f}", fill="black")
+        draw.text((8, y - 6), f"{fd:g}", fill="black")
     y = xy(10**x_lo, floor)[1]
     draw.line([left, y, W - right, y], fill="gray")
     draw.text((W - right + 8, y - 6), "real-data floor", fill="gray")
-    for k, solver in enumerate(dict.fromkeys(r["solver"] for r in rows)):
-        points = sorted(xy(r["nfe"], r["fd"]) for r in rows if r["solver"] == solver)
+    for k, arm in enumerate(dict.fromkeys(r["arm"] for r in rows)):
+        points = sorted(xy(r["nfe"], r["fd"]) for r in rows if r["arm"] == arm)
         color = COLORS[k % len(COLORS)]
         if len(points) > 1:
             draw.line(points, fill=color, width=2)
         for px, py in points:
             draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
-        draw.text((W - right + 8, top + 16 * k), solver, fill=color)
-    draw.text((left, 12), title, fill="black")
-    draw.text(
-        (left + (W - left - right) // 2 - 60, H - 22), "NFE per sample (log scale)", fill="black"
-    )
+        draw.text((W - right + 8, top + 16 * k), arm, fill=color)
+    draw.text((left, 12), title + "; both axes log scale", fill="black")
+    draw.text((left + (W - left - right) // 2 - 60, H - 22), "NFE per sample", fill="black")
     sgm.atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def parse_sweep_arm(text):
+    """An arm of the sweep: 'SOLVER[:OPTION=VALUE...][@STEPS/...]' -> (solver, options, steps)."""
+    arm, _, steps = text.partition("@")
+    solver, options = parse_arm(arm)
+    try:
+        steps = tuple(float(s) if solver == "ode" else int(s) for s in steps.split("/") if s)
+    except ValueError:
+        raise click.ClickException(f"{text}: the step counts after @ must be numbers") from None
+    if any(s <= 0 for s in steps):
+        raise click.ClickException(f"{text}: the step counts after @ must be positive")
+    return solver, options, steps or SWEEP_STEPS[solver]
+
+
+def sweep_table(rows, header):
+    table = "| solver | steps / tol | NFE | FD | seconds |\n|---|---|---|---|---|\n" + "".join(
+        f"| {r['arm']} | {r['setting']:g} | {r['nfe']:.0f} | {r['fd']:.2f} | {r['seconds']:.1f} |\n"
+        for r in rows
+    )
+    return header + table
 
 
 @main.command("sweep")
 @ckpt_option
 @click.option("--n", type=click.IntRange(2), default=1000, help="Samples per point.")
-@click.option("--solvers", default=",".join(SWEEP), help="Comma-separated.")
+@click.option(
+    "--solvers",
+    default=SWEEP_ARMS,
+    help="Comma-separated arms SOLVER[:OPTION=VALUE...][@STEPS/...], e.g. 'edm:s_churn=5@10/18'.",
+)
 @click.option(
     "--max-steps", type=click.IntRange(1), default=1000, help="Skip step counts above this."
 )
-@click.option("--out", default="sweep", help="Writes OUT.md and OUT.png.")
+@click.option("--out", default="sweep", help="Writes OUT.md and OUT.png, after every point.")
 @click.option("--seed", type=int, default=0)
+@labels_option
 @device_option
 @data_option
-def sweep_command(ckpt_path, n, solvers, max_steps, out, seed, device, data_dir):
-    """FD against NFE for every solver at several step counts (the ODE at several tolerances)."""
+def sweep_command(ckpt_path, n, solvers, max_steps, out, seed, labels, device, data_dir):
+    """FD against NFE for every solver at several step counts (the ODE at several tolerances),
+    each point from the same prior noise (and labels)."""
     device, ckpt_path = data.resolve_device(device), ckpt_path or data.default_checkpoint()
-    chosen = [s.strip() for s in solvers.split(",") if s.strip()]
-    for s in chosen:
-        if s not in SWEEP:
-            raise click.ClickException(f"unknown solver {s!r}; choose from {', '.join(SWEEP)}")
+    arms = [
+        (a.strip().partition("@")[0], *parse_sweep_arm(a)) for a in solvers.split(",") if a.strip()
+    ]
+    if not arms:
+        raise click.ClickException("--solvers names no solver")
     data.check_writable(out + ".md")
     data.check_writable(out + ".png")
     ckpt = sgm.load_checkpoint(ckpt_path, device)
     scorer = Scorer(data_dir, device)
     floor, rows = scorer.floor(n, seed), []
-    with Progress(console=console) as progress:
-        for solver in chosen:
-            for setting in SWEEP[solver]:
-                if solver == "ode":
-                    images, nfe, seconds = generate(
-                        ckpt,
-                        solver,
-                        1,
-                        n,
-                        device,
-                        seed=seed,
-                        progress=progress,
-                        rtol=setting,
-                        atol=setting,
-                    )
-                elif setting <= max_steps:
-                    images, nfe, seconds = generate(
-                        ckpt, solver, setting, n, device, seed=seed, progress=progress
-                    )
-                else:
-                    continue
-                rows.append(
-                    {
-                        "solver": solver,
-                        "setting": setting,
-                        "nfe": nfe,
-                        "fd": scorer.fd(images)[0],
-                        "seconds": seconds,
-                    }
-                )
-                progress.console.print(
-                    f"{solver} {setting}: FD {rows[-1]['fd']:.2f} at {nfe:.0f} NFE"
-                )
     header = (
-        f"FD against NFE, {n} samples per point, floor {floor:.2f} ({n} training images). "
-        f"Checkpoint {ckpt_path}; {machine()}, {device}.\n\n"
+        f"FD against NFE, {n} samples per point (seed {seed}, {labels_used(ckpt, labels)}), "
+        f"floor {floor:.2f} ({n} training images). Checkpoint {ckpt_path}; {machine()}, "
+        f"{device}.\n\n"
     )
-    table = "| solver | steps / tol | NFE | FD | seconds |\n|---|---|---|---|---|\n" + "".join(
-        f"| {r['solver']} | {r['setting']:g} | {r['nfe']:.0f} | {r['fd']:.2f} "
-        f"| {r['seconds']:.1f} |\n"
-        for r in rows
-    )
-    data.save_text(header + table, out + ".md")
-    plot_sweep(rows, floor, out + ".png", f"FD vs NFE ({n} samples, {os.path.basename(ckpt_path)})")
-    console.print(header + table + f"wrote {out}.md and {out}.png")
+    title = f"FD vs NFE ({n} samples, {os.path.basename(ckpt_path)})"
+    with Progress(console=console) as progress:
+        for arm, solver, options, settings in arms:
+            for setting in settings:
+                if solver != "ode" and setting > max_steps:
+                    continue
+                ode = dict(rtol=setting, atol=setting) if solver == "ode" else {}
+                images, nfe, seconds = generate(
+                    ckpt, solver, 1 if ode else setting, n, device, seed=seed, progress=progress,
+                    labels=labels, **options, **ode,
+                )  # fmt: skip
+                fd = scorer.fd(images)[0]
+                rows.append(dict(arm=arm, setting=setting, nfe=nfe, fd=fd, seconds=seconds))
+                progress.console.print(f"{arm} {setting:g}: FD {fd:.2f} at {nfe:.0f} NFE")
+                data.save_text(sweep_table(rows, header), out + ".md")  # nothing lost on Ctrl-C
+                plot_sweep(rows, floor, out + ".png", title)
+    console.print(sweep_table(rows, header) + f"wrote {out}.md and {out}.png")
 
 
 def heun_versus_stochastic(rows, ckpt_paths, nfe):
-    """Per checkpoint: the best stochastic solver's FD, heun's and their ratio, as markdown."""
+    """Per checkpoint: the best FD of the paper's SDE solvers, heun's, their ratio, as markdown."""
     ratios = []
     for ckpt_path in ckpt_paths:
         mine = [r for r in rows if r["ckpt_path"] == ckpt_path]
-        stochastic = [r for r in mine if r["solver"] in sgm.STOCHASTIC_SOLVERS]
+        stochastic = [r for r in mine if r["solver"] in sgm.INPAINTING_SOLVERS]
         heun = [r for r in mine if r["solver"] == "heun"]
         if stochastic and heun:
             best = min(stochastic, key=lambda r: r["fd"])
@@ -481,12 +545,13 @@ def heun_versus_stochastic(rows, ckpt_paths, nfe):
 @click.option("--n", type=click.IntRange(2), default=1000, help="Samples per cell.")
 @click.option("--out", default=None, help="Also write the tables to this markdown file.")
 @click.option("--seed", type=int, default=0)
+@labels_option
 @device_option
 @data_option
-def compare_command(ckpt_paths, solvers, nfe, n, out, seed, device, data_dir):
+def compare_command(ckpt_paths, solvers, nfe, n, out, seed, labels, device, data_dir):
     """The SDE x solver table: FD, NFE and seconds of each checkpoint with each solver at its
-    standard setting: heun at 18 steps (35 NFE), the ODE adaptive (rtol = atol = 1e-5), the
-    stochastic solvers at --nfe evaluations."""
+    standard setting: the few-step solvers (heun, edm, dpmpp_*) at their default steps, the ODE
+    adaptive (rtol = atol = 1e-5), the paper's SDE solvers at --nfe evaluations."""
     device = data.resolve_device(device)
     chosen = [s.strip() for s in solvers.split(",") if s.strip()]
     if not chosen:
@@ -501,7 +566,7 @@ def compare_command(ckpt_paths, solvers, nfe, n, out, seed, device, data_dir):
     ckpts = [(path, sgm.load_checkpoint(path, device)) for path in ckpt_paths]  # all, first
     # pc spends two evaluations per step (one corrector step and the predictor), ald one
     steps = {
-        s: 18 if s == "heun" else 1 if s == "ode" else nfe // (2 if s == "pc" else 1)
+        s: nfe // (2 if s == "pc" else 1) if s in sgm.INPAINTING_SOLVERS else sgm.SOLVERS[s].steps
         for s in chosen
     }
     scorer, rows = Scorer(data_dir, device), []
@@ -510,8 +575,9 @@ def compare_command(ckpt_paths, solvers, nfe, n, out, seed, device, data_dir):
             sde_name = type(ckpt.sde).__name__
             for solver in chosen:
                 images, spent, seconds = generate(
-                    ckpt, solver, steps[solver], n, device, seed=seed, progress=progress
-                )
+                    ckpt, solver, steps[solver], n, device, seed=seed, progress=progress,
+                    labels=labels,
+                )  # fmt: skip
                 fd = scorer.fd(images)[0]
                 row = dict(
                     ckpt_path=ckpt_path,
@@ -528,8 +594,8 @@ def compare_command(ckpt_paths, solvers, nfe, n, out, seed, device, data_dir):
                 )
     floor = scorer.floor(n, seed)
     header = (
-        f"{n} samples per cell (seed {seed}), real-data floor {floor:.2f} "
-        f"({n} training images vs test); "
+        f"{n} samples per cell (seed {seed}, {labels_used(ckpts[0][1], labels)}), "
+        f"real-data floor {floor:.2f} ({n} training images vs test); "
         f"{machine()}, {device}.\n\n"
     )
     table = (

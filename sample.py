@@ -1,14 +1,19 @@
 """
 Sample from a trained score-based model with any solver.
 
-    python sample.py --solver ode --n 64                    # image grid, samples.png
+    python sample.py --n 64                                 # image grid, samples.png (dpmpp_2m_sde)
+    python sample.py --solver ode --n 64                    # the probability-flow ODE, adaptive
     python sample.py --solver heun --steps 18 --out x.npz   # raw uint8 array (N, H, W)
     python sample.py --solver pc --n 16 --out traj.gif      # the reverse process, state | denoised
+    python sample.py --solver edm --s-churn 5 --n 64        # EDM's stochastic sampler
+    python sample.py --solver pc --predictor ancestral --corrector ald
     python sample.py --label sneaker --guidance 2 --n 16    # class-conditional models
     python sample.py --inpaint left --from-test 0 --n 8     # fill in the left half of test images
     python sample.py --interpolate 0 1 --n 10               # morph test image 0 into image 1
 
---ckpt defaults to the shipped checkpoints/fmnist.pt, else the newest runs/*/ckpt.pt.
+--ckpt defaults to the shipped checkpoints/fmnist.pt, else the newest runs/*/ckpt.pt. Without
+--label, a class-conditional model samples p(x) = sum_y p(y) p(x | y): labels drawn from the
+training classes' frequencies, w = 0 (--label none uses the dropped label's score instead).
 """
 
 import dataclasses
@@ -26,6 +31,8 @@ import sgm
 
 console = Console(stderr=True, soft_wrap=True)
 MASKS = ("left", "right", "top", "bottom", "center", "random")
+SOLVER_OPTIONS = ("predictor", "corrector", "snr", "corrector_steps", "rtol", "atol", "s_churn",
+                  "s_tmin", "s_tmax", "s_noise", "eta")  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -36,10 +43,17 @@ class Options:
     solver: str
     n: int
     steps: int
+    predictor: str
+    corrector: str
     snr: float
     corrector_steps: int
     rtol: float
     atol: float
+    s_churn: float
+    s_tmin: float
+    s_tmax: float
+    s_noise: float
+    eta: float
     eps: float
     seed: int
     device: str
@@ -56,21 +70,19 @@ class Options:
     known: torch.Tensor = None  # uint8 test images (n, C, H, W) to inpaint
 
     def __post_init__(self):  # click's ranges let NaN through
-        sgm.check_number("--snr", self.snr, 0, 100, low_open=True)
-        sgm.check_number("--rtol", self.rtol, 1e-12, 1)
-        sgm.check_number("--atol", self.atol, 1e-12, 1)
+        takes = sgm.solver_options("ode" if self.mode == "interpolate" else self.solver)
+        sgm.check_options({k: v for k, v in self.solver_options.items() if k in takes}, flags=True)
         sgm.check_number("--eps", self.eps, 0, 0.5, low_open=True)
-        sgm.check_number("--guidance", self.guidance, 0, 1e3)
+        if self.guidance is not None:
+            sgm.check_number("--guidance", self.guidance, 0, 1e3)
 
     @property
     def mode(self):
         return "inpaint" if self.inpaint else "interpolate" if self.interpolate else "sample"
 
     @property
-    def solver_options(self):  # each solver takes its own
-        return dict(
-            snr=self.snr, corrector_steps=self.corrector_steps, rtol=self.rtol, atol=self.atol
-        )
+    def solver_options(self):  # each solver takes its own: see sgm.solver_options
+        return {name: getattr(self, name) for name in SOLVER_OPTIONS}
 
 
 class Command(click.Command):
@@ -90,33 +102,48 @@ class Command(click.Command):
 
 
 def parse_label(text, ckpt):
-    """'all', a class index or a FashionMNIST class name -> 'all' or an int."""
+    """'all', 'none', a class index or a FashionMNIST class name -> 'all', 'none' or an int."""
     num_classes = ckpt.model_config.num_classes
+    if text == "none" or (text == "all" and num_classes):
+        return text
     if not num_classes:
         raise click.ClickException("--label needs a class-conditional checkpoint (--conditional)")
-    if text == "all":
-        return "all"
     name = text.lower().replace("_", "-").replace(" ", "-")
     if name in data.CLASSES:
         return data.CLASSES.index(name)
     if text.isdigit() and int(text) < num_classes:
         return int(text)
     raise click.ClickException(
-        f"unknown --label {text!r}: use 0-{num_classes - 1}, 'all' or one of "
+        f"unknown --label {text!r}: use 0-{num_classes - 1}, 'all', 'none' or one of "
         + ", ".join(data.CLASSES)
     )
 
 
-def make_labels(label, n, ckpt, device):
-    """(labels (n,) or None, images per row)."""
-    if label is None:
-        return None, min(n, 8)
-    target = parse_label(label, ckpt)
-    if target != "all":
-        return torch.full((n,), target, device=device), min(n, 8)
-    per_class = max(1, n // ckpt.model_config.num_classes)  # one row per class
-    labels = torch.arange(ckpt.model_config.num_classes, device=device)
-    return labels.repeat_interleave(per_class), per_class
+def make_labels(opts, ckpt):
+    """(labels (n,) or None, images per row, the guidance weight, what the labels are). Without
+    --label, a conditional model draws them from the class prior: p(x) = sum_y p(y) p(x | y)."""
+    n, num_classes = opts.n, ckpt.model_config.num_classes
+    target = parse_label(opts.label, ckpt) if opts.label is not None else None
+    if target is None and (not num_classes or opts.mode != "sample"):
+        target = "none"  # inpainting, interpolation: a drawn class would fight the test image
+    if target == "none":
+        if opts.guidance:
+            raise click.ClickException(
+                "--guidance needs labels (a conditional model, no --label none)"
+            )
+        return None, min(n, 8), 0.0, "the dropped label's score" if num_classes else "unconditional"
+    guidance = opts.guidance if opts.guidance is not None else 0.0 if target is None else 1.0
+    if target == "all":
+        per_class = max(1, n // num_classes)  # one row per class
+        labels = torch.arange(num_classes, device=opts.device).repeat_interleave(per_class)
+        return labels, per_class, guidance, f"one row per class, w = {guidance:g}"
+    if target is None:
+        labels = ckpt.prior_labels(n, opts.seed, opts.device)
+        what = "labels drawn from the training classes' frequencies (--label none: dropped label)"
+    else:
+        labels = torch.full((n,), target, device=opts.device)
+        what = f"label {data.CLASSES[target] if num_classes == len(data.CLASSES) else target}"
+    return labels, min(n, 8), guidance, f"{what}, w = {guidance:g}"
 
 
 def make_mask(name, shape, generator):
@@ -228,14 +255,20 @@ def write_output(x, frames, labels, ckpt, out, nrow):
     type=click.Path(dir_okay=False),
     help="Checkpoint [checkpoints/fmnist.pt, else newest runs/*/ckpt.pt].",
 )
-@click.option("--solver", type=click.Choice(list(sgm.SOLVERS)), default="ode")
+@click.option(
+    "--solver",
+    type=click.Choice(list(sgm.SOLVERS)),
+    default="dpmpp_2m_sde",
+    help="See the README's solver table [dpmpp_2m_sde: the best FD per second measured].",
+)
 @click.option(
     "--n", type=click.IntRange(1), help="Images [64; 8 with --inpaint, 10 with --interpolate]."
 )
 @click.option(
     "--steps",
     type=click.IntRange(1),
-    help="Time steps [the solver's: 1000; heun 18; unused by ode].",
+    help="Time steps [the solver's: 1000 for the paper's SDE solvers; heun, edm 18; dpmpp_2m 20; "
+    "dpmpp_2m_sde 20; unused by ode].",
 )
 @click.option(
     "--snr",
@@ -247,7 +280,19 @@ def write_output(x, frames, labels, ckpt, out, nrow):
     "--corrector-steps",
     type=click.IntRange(0),
     default=1,
-    help="Langevin steps per time step (pc, ald).",
+    help="Corrector steps per time step (pc, ald).",
+)
+@click.option(
+    "--predictor",
+    type=click.Choice(list(sgm.PREDICTORS)),
+    default="reverse_diffusion",
+    help="pc's predictor.",
+)
+@click.option(
+    "--corrector",
+    type=click.Choice(list(sgm.CORRECTORS)),
+    default="langevin",
+    help="pc's corrector.",
 )
 @click.option(
     "--rtol", type=click.FloatRange(0, min_open=True), default=1e-5, help="ode relative tolerance."
@@ -255,6 +300,13 @@ def write_output(x, frames, labels, ckpt, out, nrow):
 @click.option(
     "--atol", type=click.FloatRange(0, min_open=True), default=1e-5, help="ode absolute tolerance."
 )
+@click.option(
+    "--s-churn", "--churn", "s_churn", type=float, default=20.0, help="edm: churn S_churn, 0-1000."
+)
+@click.option("--s-tmin", type=float, default=0.05, help="edm: churn from this noise level.")
+@click.option("--s-tmax", type=float, default=50.0, help="edm: churn up to this noise level.")
+@click.option("--s-noise", type=float, default=1.0, help="edm, dpmpp_2m_sde: noise scale, 0-2.")
+@click.option("--eta", type=float, default=1.0, help="dpmpp_2m_sde: stochasticity, 0-1.")
 @click.option(
     "--eps", type=click.FloatRange(0, 0.5, min_open=True), default=1e-3, help="Final time."
 )
@@ -270,15 +322,17 @@ def write_output(x, frames, labels, ckpt, out, nrow):
 )
 @click.option(
     "--label",
-    help="Class index, class name (sneaker, ankle-boot, ...) or 'all' (one row per class).",
+    help="Class index, class name (sneaker, ankle-boot, ...), 'all' (one row per class) or 'none' "
+    "(the dropped label) [labels drawn from the training classes' frequencies].",
 )
 @click.option(
     "--guidance",
     type=click.FloatRange(0),
-    default=1.0,
-    help="Classifier-free guidance weight w, with --label.",
+    help="Classifier-free guidance weight w [1 with --label, else 0].",
 )
-@click.option("--inpaint", type=click.Choice(MASKS), help="Fill in the masked part of test images.")
+@click.option(
+    "--inpaint", type=click.Choice(MASKS), help="Fill in the masked part of test images [with pc]."
+)
 @click.option(
     "--from-test",
     type=click.IntRange(0, 9999),
@@ -297,6 +351,9 @@ def write_output(x, frames, labels, ckpt, out, nrow):
 )
 def main(**flags):
     """Sample images from a score-based model (Song et al. 2021)."""
+    source = click.get_current_context().get_parameter_source("solver")
+    if flags["inpaint"] and source == click.core.ParameterSource.DEFAULT:
+        flags["solver"] = "pc"  # the default solver cannot inpaint
     opts = Options(**flags)
     suffix = check_output(opts.out)
     opts.device = data.resolve_device(opts.device)
@@ -304,14 +361,16 @@ def main(**flags):
     ckpt = sgm.load_checkpoint(opts.ckpt_path, opts.device, use_ema=opts.ema)
     opts.n = opts.n or {"sample": 64, "inpaint": 8, "interpolate": 10}[opts.mode]
     opts.steps = opts.steps or sgm.SOLVERS[opts.solver].steps
-    labels, nrow = make_labels(opts.label, opts.n, ckpt, opts.device)
-    opts.n = len(labels) if labels is not None else opts.n
-    if opts.mode != "sample":
-        images = check_test_inputs(opts, ckpt, suffix)
-    if opts.mode == "interpolate" and opts.label is not None:
+    if opts.mode == "interpolate" and opts.label not in (None, "none"):
         raise click.ClickException(
             "--interpolate decodes through the ODE without labels: drop --label"
         )
+    labels, nrow, opts.guidance, labels_used = make_labels(opts, ckpt)
+    opts.n = len(labels) if labels is not None else opts.n
+    if opts.mode != "sample":
+        images = check_test_inputs(opts, ckpt, suffix)
+    warn_unused_options(opts)
+    console.print(f"{opts.solver}: {labels_used}", highlight=False)
 
     start, frames = time.time(), []
     columns = (BarColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn())
@@ -342,15 +401,26 @@ def main(**flags):
     )
 
 
+def warn_unused_options(opts):
+    """Name the solver options given on the command line that the solver does not take."""
+    ctx = click.get_current_context()
+    takes = sgm.solver_options("ode" if opts.mode == "interpolate" else opts.solver)
+    for name in SOLVER_OPTIONS:
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+            if name not in takes:
+                flag = "--" + name.replace("_", "-")
+                console.print(f"note: {opts.solver} does not use {flag}; ignored", highlight=False)
+
+
 def check_test_inputs(opts, ckpt, suffix):
     """For --inpaint and --interpolate: check the options, then load the test images."""
     if suffix != ".png":
         raise click.ClickException(f"--{opts.mode} writes a .png grid; got --out {opts.out}")
     images = load_test_images(ckpt, opts.mode, opts.data_dir)[0]
-    if opts.mode == "inpaint" and opts.solver not in sgm.STOCHASTIC_SOLVERS:
-        stochastic = ", ".join(sgm.STOCHASTIC_SOLVERS)
+    if opts.mode == "inpaint" and opts.solver not in sgm.INPAINTING_SOLVERS:
+        names = ", ".join(sgm.INPAINTING_SOLVERS)
         raise click.ClickException(
-            f"--inpaint needs a stochastic solver ({stochastic}), not {opts.solver}"
+            f"--inpaint needs a solver that re-noises every step ({names}), not {opts.solver}"
         )
     if opts.mode == "inpaint" and opts.from_test + opts.n > len(images):
         raise click.ClickException(

@@ -9,14 +9,15 @@ Read it top to bottom next to the paper:
                 and the probability flow (eqs. 6 and 13)
     model       a time-conditioned U-Net, and the one function that makes it a score
     loss        continuous denoising score matching (eq. 7)
-    samplers    Euler-Maruyama, reverse diffusion, ancestral, predictor-corrector (Algorithm 1),
-                annealed Langevin, probability-flow ODE
+    samplers    predictor-corrector (Algorithm 1): any predictor (Euler-Maruyama, reverse diffusion,
+                ancestral) with any corrector (Langevin, annealed Langevin); probability-flow ODE
     likelihood  exact log-likelihood through the probability-flow ODE (appendix D.2), bits/dim
     control     inpainting (appendix I.2), latent encoding and interpolation
-Then the numerics that serve it (Dormand-Prince), what goes beyond it (EDM's preconditioning and
-Heun sampler, classifier-free guidance), the solver table with `sample`, and the training state
-(EMA, TrainConfig, checkpoints). Every sampler takes any `score_fn(x, t)`, so `test_sgm.py` drives
-them with exact Gaussian scores. Only torch is imported. Used by train.py, sample.py, evaluate.py.
+Then the numerics that serve it (Dormand-Prince), what goes beyond it (EDM's preconditioning, its
+Heun and stochastic samplers, DPM-Solver++, classifier-free guidance), the solver table with
+`sample`, and the training state (EMA, TrainConfig, checkpoints). Every sampler takes any
+`score_fn(x, t)`, so `test_sgm.py` drives them with exact Gaussian scores. Only torch is imported.
+Used by train.py, sample.py, evaluate.py.
 """
 
 import inspect
@@ -472,22 +473,23 @@ def keep(x, project, t):
 def refuse_projection(project, solver):
     """Deterministic solvers cannot inpaint: the known pixels must be re-noised at every step."""
     if project is not None:
-        stochastic = ", ".join(STOCHASTIC_SOLVERS)
-        raise SGMError(f"inpainting needs a stochastic solver ({stochastic}), not {solver!r}")
+        names = ", ".join(INPAINTING_SOLVERS)
+        raise SGMError(f"inpainting needs a solver that re-noises every step ({names}), "
+                       f"not {solver!r}")  # fmt: skip
 
 
-@torch.no_grad()
-def sample_em(score_fn, sde, x, ts, *, generator=None, callback=None, project=None):
-    """Euler-Maruyama on the reverse-time SDE (eq. 6)."""
-    for i in range(len(ts) - 1):
-        t, dt = ts[i].expand(x.shape[0]), ts[i + 1] - ts[i]  # dt < 0
-        score = score_fn(x, t)
-        report(callback, sde, i, t, x, score)
-        drift, diffusion = sde.reverse_sde(x, t, score)
-        x_mean = x + drift * dt
-        x = x_mean + append_dims(diffusion, x.ndim) * (-dt).sqrt() * randn_like(x, generator)
-        x = keep(x, project, ts[i + 1])
-    return x_mean
+# Predictors: one step of the reverse process from t to t_next < t. Each returns the new x, its
+# noise-free mean and the score it used.
+
+
+def euler_maruyama_step(score_fn, sde, x, t, t_next, generator):
+    """Euler-Maruyama on the reverse-time SDE (eq. 6): x_mean = x + [f - g^2 s] dt, dt < 0."""
+    score = score_fn(x, t)
+    drift, diffusion = sde.reverse_sde(x, t, score)
+    dt = append_dims(t_next - t, x.ndim)
+    x_mean = x + drift * dt
+    noise = append_dims(diffusion, x.ndim) * (-dt).sqrt() * randn_like(x, generator)
+    return x_mean + noise, x_mean, score
 
 
 def reverse_diffusion_step(score_fn, sde, x, t, t_next, generator):
@@ -498,9 +500,19 @@ def reverse_diffusion_step(score_fn, sde, x, t, t_next, generator):
     return x_mean + append_dims(G, x.ndim) * randn_like(x, generator), x_mean, score
 
 
-def langevin_step(score_fn, x, t, alpha, snr, generator):
-    """Langevin corrector at time t (Algorithms 4 and 5): step 2 alpha (r ||z|| / ||s||)^2, with
-    the norms averaged over the batch as in the official code."""
+def ancestral_step(score_fn, sde, x, t, t_next, generator):
+    """Ancestral sampling: SMLD for VE (appendix F), DDPM for VP; sub-VP has none."""
+    score = score_fn(x, t)
+    x_mean, std = sde.ancestral_step(x, t, t_next, score)
+    return x_mean + append_dims(std, x.ndim) * randn_like(x, generator), x_mean, score
+
+
+# Correctors: one Langevin step at time t, x <- x + step s + sqrt(2 step) z, with different steps.
+
+
+def langevin_step(score_fn, sde, x, t, alpha, snr, generator):
+    """Langevin corrector (Algorithms 4 and 5): step 2 alpha (r ||z|| / ||s||)^2, with the norms
+    averaged over the batch as in the official code."""
     score = score_fn(x, t)
     z = randn_like(x, generator)
     grad_norm = score.flatten(1).norm(dim=1).mean()
@@ -510,60 +522,79 @@ def langevin_step(score_fn, x, t, alpha, snr, generator):
     return x_mean + (2 * step).sqrt() * z, x_mean, score
 
 
+def ald_step(score_fn, sde, x, t, alpha, snr, generator):
+    """Annealed Langevin dynamics step of the official code (after Song & Ermon 2019): step
+    2 alpha (r std(t))^2, set by the noise level instead of the score's norm."""
+    score = score_fn(x, t)
+    step = append_dims(2 * alpha * (snr * sde.std(t)) ** 2, x.ndim)
+    x_mean = x + step * score
+    return x_mean + (2 * step).sqrt() * randn_like(x, generator), x_mean, score
+
+
+PREDICTORS = {"euler_maruyama": euler_maruyama_step, "reverse_diffusion": reverse_diffusion_step,
+              "ancestral": ancestral_step, "none": None}  # fmt: skip
+CORRECTORS = {"langevin": langevin_step, "ald": ald_step, "none": None}
+
+
+@torch.no_grad()
+def sample_pc(score_fn, sde, x, ts, *, generator=None, callback=None, project=None,
+              predictor="reverse_diffusion", corrector="langevin", snr=0.16,
+              corrector_steps=1):  # fmt: skip
+    """Predictor-corrector (Algorithm 1) with any predictor and any corrector, as the official
+    `pc_sampler`: the corrector at t_i, then the predictor to t_(i+1), so the last step is a
+    predictor mean. Without a predictor the corrector runs at t_1 ... t_N = eps instead."""
+    predict, correct = PREDICTORS[predictor], CORRECTORS[corrector]
+    corrector_steps = corrector_steps if correct else 0
+    if predict is None and corrector_steps == 0:
+        raise SGMError("no predictor and no corrector steps: pc has nothing to sample with")
+    for i in range(len(ts) - 1):
+        t, t_next = ts[i].expand(x.shape[0]), ts[i + 1].expand(x.shape[0])
+        alpha = sde.langevin_alpha(t, t_next)
+        at = i if predict else i + 1  # the corrector's time, and the last score's
+        for _ in range(corrector_steps):
+            x_now = x
+            x, x_mean, score = correct(score_fn, sde, x, ts[at].expand(x.shape[0]), alpha, snr,
+                                       generator)  # fmt: skip
+            x = keep(x, project, ts[at])
+        if predict:
+            x_now = x
+            x, x_mean, score = predict(score_fn, sde, x, t, t_next, generator)
+            x = keep(x, project, ts[i + 1])
+        report(callback, sde, i, ts[at].expand(x.shape[0]), x_now, score)
+    return x_mean
+
+
+# The paper's other samplers are predictor-corrector with a fixed pair.
+
+
+@torch.no_grad()
+def sample_em(score_fn, sde, x, ts, *, generator=None, callback=None, project=None):
+    """Euler-Maruyama on the reverse-time SDE (eq. 6): `pc` without a corrector."""
+    options = dict(generator=generator, callback=callback, project=project)
+    return sample_pc(score_fn, sde, x, ts, predictor="euler_maruyama", corrector="none", **options)
+
+
 @torch.no_grad()
 def sample_reverse_diffusion(score_fn, sde, x, ts, *, generator=None, callback=None, project=None):
-    """Reverse-diffusion predictor alone (appendix E): predictor-corrector without the corrector."""
+    """Reverse-diffusion predictor (appendix E): `pc` without a corrector."""
     options = dict(generator=generator, callback=callback, project=project)
-    return sample_pc(score_fn, sde, x, ts, corrector_steps=0, **options)
+    return sample_pc(score_fn, sde, x, ts, corrector="none", **options)
 
 
 @torch.no_grad()
 def sample_ancestral(score_fn, sde, x, ts, *, generator=None, callback=None, project=None):
-    """Ancestral sampling: SMLD for VE (appendix F), DDPM for VP."""
-    for i in range(len(ts) - 1):
-        t, t_next = ts[i].expand(x.shape[0]), ts[i + 1].expand(x.shape[0])
-        score = score_fn(x, t)
-        report(callback, sde, i, t, x, score)
-        x_mean, std = sde.ancestral_step(x, t, t_next, score)
-        x = keep(x_mean + append_dims(std, x.ndim) * randn_like(x, generator), project, ts[i + 1])
-    return x_mean
-
-
-@torch.no_grad()
-def sample_pc(score_fn, sde, x, ts, *, generator=None, callback=None, project=None, snr=0.16,
-              corrector_steps=1):  # fmt: skip
-    """Predictor-corrector (Algorithm 1): Langevin corrector at t_i, then the reverse-diffusion
-    predictor to t_(i+1). The corrector runs first as in the official code, so the last step is a
-    predictor mean."""
-    check_number("snr", snr, 0, 100, low_open=True)
-    for i in range(len(ts) - 1):
-        t, t_next = ts[i].expand(x.shape[0]), ts[i + 1].expand(x.shape[0])
-        alpha = sde.langevin_alpha(t, t_next)
-        for _ in range(corrector_steps):
-            x = keep(langevin_step(score_fn, x, t, alpha, snr, generator)[0], project, ts[i])
-        x_now = x
-        x, x_mean, score = reverse_diffusion_step(score_fn, sde, x, t, t_next, generator)
-        report(callback, sde, i, t, x_now, score)
-        x = keep(x, project, ts[i + 1])
-    return x_mean
+    """Ancestral sampling, SMLD for VE (appendix F), DDPM for VP: `pc` without a corrector."""
+    options = dict(generator=generator, callback=callback, project=project)
+    return sample_pc(score_fn, sde, x, ts, predictor="ancestral", corrector="none", **options)
 
 
 @torch.no_grad()
 def sample_ald(score_fn, sde, x, ts, *, generator=None, callback=None, project=None, snr=0.16,
                corrector_steps=1):  # fmt: skip
-    """Annealed Langevin dynamics (Song & Ermon 2019): the corrector alone, at t_1 ... t_N = eps."""
-    check_number("snr", snr, 0, 100, low_open=True)
-    if corrector_steps < 1:
-        raise SGMError("ald needs corrector_steps >= 1")
-    for i in range(len(ts) - 1):
-        t_prev, t = ts[i].expand(x.shape[0]), ts[i + 1].expand(x.shape[0])
-        alpha = sde.langevin_alpha(t_prev, t)
-        for _ in range(corrector_steps):
-            x_now = x
-            x, x_mean, score = langevin_step(score_fn, x, t, alpha, snr, generator)
-            x = keep(x, project, ts[i + 1])
-        report(callback, sde, i, t, x_now, score)
-    return x_mean
+    """Annealed Langevin dynamics (Song & Ermon 2019): `pc` with the Langevin corrector alone."""
+    options = dict(generator=generator, callback=callback, project=project, snr=snr)
+    return sample_pc(score_fn, sde, x, ts, predictor="none", corrector_steps=corrector_steps,
+                     **options)  # fmt: skip
 
 
 @torch.no_grad()
@@ -792,7 +823,9 @@ def predict_noise(net, sde, x, t, labels=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# Beyond the paper, 2: Heun's method on EDM's noise grid (Karras et al. 2022, Algorithm 1)
+# Beyond the paper, 2: few-step solvers on EDM's noise grid (Karras et al. 2022; Lu et al. 2022).
+# They work in x_hat = x / a(t) and the noise level sigma = std / a, where every SDE's x_hat is the
+# data plus noise of std sigma, and dx_hat / dsigma = -sigma a s(x, t) is its probability flow.
 
 
 def edm_time_grid(sde, steps, eps=1e-3, device=None, rho=7.0):
@@ -807,13 +840,26 @@ def edm_time_grid(sde, steps, eps=1e-3, device=None, rho=7.0):
     return sde.time_at_noise_level(sigmas).float().to(device)
 
 
+def churn(sde, x_hat, t, sigma, gamma, s_noise, generator):
+    """Algorithm 2, lines 4-6: add noise that raises the noise level from sigma to
+    sigma (1 + gamma). Returns the new x_hat, time and noise level."""
+    if gamma == 0:
+        return x_hat, t, sigma
+    sigma_hat = sigma * (1 + gamma)
+    x_hat = x_hat + (sigma_hat**2 - sigma**2).sqrt() * s_noise * randn_like(x_hat, generator)
+    return x_hat, sde.time_at_noise_level(sigma_hat), sigma_hat
+
+
 @torch.no_grad()
-def sample_heun(score_fn, sde, x, ts, *, generator=None, callback=None, project=None):
-    """Heun's 2nd-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1) in the
-    variables x_hat = x / a(t) and sigma = std / a, where dx_hat/dsigma = -sigma a s(x, t) for every
-    SDE. After ts[-1], an Euler step to sigma = 0 (a Tweedie denoising). NFE = 2 len(ts) - 1."""
-    refuse_projection(project, "heun")
+def sample_edm(score_fn, sde, x, ts, *, generator=None, callback=None, project=None, s_churn=20.0,
+               s_tmin=0.05, s_tmax=50.0, s_noise=1.0):  # fmt: skip
+    """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2): before each step, churn raises
+    sigma_i by a factor 1 + gamma, gamma = min(s_churn / N, sqrt 2 - 1) for sigma_i in
+    [s_tmin, s_tmax] but never above sigma(T); then Heun's step to sigma_(i+1). After ts[-1], an
+    Euler step to sigma = 0 (a Tweedie denoising). NFE = 2 len(ts) - 1."""
+    refuse_projection(project, "edm" if s_churn else "heun")
     sigmas = torch.cat([sde.noise_level(ts), ts.new_zeros(1)])
+    gamma_max = min(s_churn / len(ts), math.sqrt(2) - 1)
 
     def slope(x_hat, t, sigma):  # dx_hat / dsigma
         t = t.expand(x_hat.shape[0])
@@ -823,14 +869,64 @@ def sample_heun(score_fn, sde, x, ts, *, generator=None, callback=None, project=
 
     x_hat = x / sde.mean_scale(ts[0])
     for i in range(len(ts)):
-        d, a, score = slope(x_hat, ts[i], sigmas[i])
-        x_next = x_hat + (sigmas[i + 1] - sigmas[i]) * d
+        gamma = gamma_max if s_tmin <= sigmas[i] <= s_tmax else 0.0
+        gamma = min(gamma, float(sigmas[0] / sigmas[i]) - 1)  # times stay within [eps, T]
+        x_hat, t, sigma = churn(sde, x_hat, ts[i], sigmas[i], gamma, s_noise, generator)
+        d, a, score = slope(x_hat, t, sigma)
+        x_next = x_hat + (sigmas[i + 1] - sigma) * d
         if i + 1 < len(ts):  # Heun's correction, except on the step into sigma = 0
             d_next = slope(x_next, ts[i + 1], sigmas[i + 1])[0]
-            x_next = x_hat + (sigmas[i + 1] - sigmas[i]) * 0.5 * (d + d_next)
-        report(callback, sde, i, ts[i].expand(x.shape[0]), a * x_hat, score)
+            x_next = x_hat + (sigmas[i + 1] - sigma) * 0.5 * (d + d_next)
+        report(callback, sde, i, t.expand(x.shape[0]), a * x_hat, score)
         x_hat = x_next
     return x_hat
+
+
+@torch.no_grad()
+def sample_heun(score_fn, sde, x, ts, *, generator=None, callback=None, project=None):
+    """Heun's 2nd-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1):
+    `edm` without churn. NFE = 2 len(ts) - 1."""
+    options = dict(generator=generator, callback=callback, project=project)
+    return sample_edm(score_fn, sde, x, ts, s_churn=0.0, **options)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(score_fn, sde, x, ts, *, generator=None, callback=None, project=None,
+                        eta=1.0, s_noise=1.0):  # fmt: skip
+    """DPM-Solver++(2M) SDE (k-diffusion's `sample_dpmpp_2m_sde`, midpoint form): in lambda =
+    -log sigma and the data prediction D, with h = lambda_(i+1) - lambda_i,
+    x_hat <- (sigma_(i+1) / sigma_i) e^(-eta h) x_hat + (1 - e^(-(1 + eta) h)) D' + noise of std
+    sigma_(i+1) sqrt(1 - e^(-2 eta h)), where D' = D + (D - D_prev) / 2r, r = h_prev / h, is the
+    second-order (multistep) estimate. eta = 0 is DPM-Solver++(2M). After ts[-1] the result is D.
+    NFE = len(ts)."""
+    refuse_projection(project, "dpmpp_2m_sde" if eta else "dpmpp_2m")
+    sigmas = sde.noise_level(ts)
+    x_hat, previous, h_previous = x / sde.mean_scale(ts[0]), None, None
+    for i in range(len(ts)):
+        t = ts[i].expand(x.shape[0])
+        x_now = sde.mean_scale(ts[i]) * x_hat
+        score = score_fn(x_now, t)
+        report(callback, sde, i, t, x_now, score)
+        data = denoised(sde, x_now, t, score)  # D(x_hat; sigma_i)
+        if i + 1 == len(ts):
+            return data
+        h = torch.log(sigmas[i] / sigmas[i + 1])
+        correction = 0 if previous is None else (data - previous) / (2 * h_previous / h)
+        decay = (sigmas[i + 1] / sigmas[i]) * torch.exp(-eta * h)
+        weight = -torch.expm1(-(1 + eta) * h)  # 1 - e^(-(1 + eta) h), accurate for small h
+        x_hat = decay * x_hat + weight * (data + correction)
+        if eta:
+            noise_std = sigmas[i + 1] * (-torch.expm1(-2 * eta * h)).sqrt() * s_noise
+            x_hat = x_hat + noise_std * randn_like(x_hat, generator)
+        previous, h_previous = data, h
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(score_fn, sde, x, ts, *, generator=None, callback=None, project=None):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): multistep, second order, on the
+    probability-flow ODE; `dpmpp_2m_sde` with eta = 0. NFE = len(ts)."""
+    options = dict(generator=generator, callback=callback, project=project)
+    return sample_dpmpp_2m_sde(score_fn, sde, x, ts, eta=0.0, **options)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -865,7 +961,7 @@ class Solver(NamedTuple):
     )
     steps: int  # default number of steps
     grid: Callable  # grid(sde, steps, eps, device) -> times from T down to eps
-    stochastic: bool  # can inpaint (a deterministic solver cannot: the known pixels need noise)
+    inpaints: bool  # re-noises every step, so it can inpaint (see `replace_known`)
 
 
 SOLVERS = {
@@ -876,8 +972,16 @@ SOLVERS = {
     "ald": Solver(sample_ald, 1000, time_grid, True),
     "ode": Solver(sample_ode, 1, time_grid, False),  # adaptive: only the grid's ends matter
     "heun": Solver(sample_heun, 18, edm_time_grid, False),  # 2 x steps - 1 = 35 NFE
+    "edm": Solver(sample_edm, 18, edm_time_grid, False),
+    "dpmpp_2m": Solver(sample_dpmpp_2m, 20, edm_time_grid, False),  # NFE = steps
+    "dpmpp_2m_sde": Solver(sample_dpmpp_2m_sde, 20, edm_time_grid, False),
 }
-STOCHASTIC_SOLVERS = tuple(name for name, solver in SOLVERS.items() if solver.stochastic)
+INPAINTING_SOLVERS = tuple(name for name, solver in SOLVERS.items() if solver.inpaints)
+# (low, high[, low excluded]) of each solver option, checked before any work starts
+OPTION_RANGES = {"snr": (0, 100, True), "corrector_steps": (0, 1000), "rtol": (1e-12, 1),
+                 "atol": (1e-12, 1), "s_churn": (0, 1e3), "s_tmin": (0, 1e6), "s_tmax": (0, 1e6),
+                 "s_noise": (0, 2), "eta": (0, 1)}  # fmt: skip
+OPTION_CHOICES = {"predictor": PREDICTORS, "corrector": CORRECTORS}
 
 
 def solver_options(solver):
@@ -887,12 +991,28 @@ def solver_options(solver):
     return {p.name: p.default for p in params if p.name not in common}
 
 
+def check_options(options, flags=False):
+    """Refuse an unknown choice or an out-of-range number among solver options with one line,
+    before any work starts. flags: name them as the scripts do (s_churn as --s-churn)."""
+    for key, value in options.items():
+        name = "--" + key.replace("_", "-") if flags else key
+        if key in OPTION_CHOICES and value not in OPTION_CHOICES[key]:
+            choices = ", ".join(OPTION_CHOICES[key])
+            raise SGMError(f"unknown {name} {value!r}; choose one of {choices}")
+        if key in OPTION_RANGES:
+            check_number(name, value, *OPTION_RANGES[key])
+    if options.get("predictor") == "none" and (
+        options.get("corrector") == "none" or options.get("corrector_steps") == 0
+    ):
+        raise SGMError("no predictor and no corrector steps: pc has nothing to sample with")
+
+
 def sample(score_fn, sde, shape, solver="pc", steps=None, *, eps=1e-3, generator=None,
            device=None, callback=None, x_T=None, known=None, mask=None, **options):  # fmt: skip
     """Draw samples of `shape` by solving the reverse process from T to eps. Returns (x, nfe).
 
-    steps: the solver's default if None. options: the solver's own (snr, corrector_steps, rtol,
-    atol); those it does not take are ignored, so one call can serve every solver.
+    steps: the solver's default if None. options: the solver's own (`solver_options`); those it
+    does not take are ignored, so one call can serve every solver.
     x_T: start here instead of a prior draw (decoding). known, mask: inpainting, see `inpaint`."""
     if solver not in SOLVERS:
         raise SGMError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
@@ -901,12 +1021,13 @@ def sample(score_fn, sde, shape, solver="pc", steps=None, *, eps=1e-3, generator
     if steps < 1:
         raise SGMError("steps must be at least 1")
     check_number("eps", eps, 0, sde.T / 2, low_open=True)
+    own = {k: v for k, v in options.items() if k in solver_options(solver)}
+    check_options(own)
     counted = CountedScore(score_fn)
     x = sde.prior_sampling(shape, generator, device) if x_T is None else x_T
     project = None if known is None else replace_known(sde, known, mask, generator)
     x = keep(x, project, sde.T)
     ts = spec.grid(sde, steps, eps, device=x.device)
-    own = {k: v for k, v in options.items() if k in solver_options(solver)}
     x = spec.sample(
         counted, sde, x, ts, generator=generator, callback=callback, project=project, **own
     )
@@ -1051,6 +1172,19 @@ class Checkpoint:
         guidance of weight `guidance`."""
         score = score_model(self.net, self.sde)
         return score if labels is None else guided_score(score, labels, guidance)
+
+    def prior_labels(self, n, seed=0, device=None):
+        """n labels in the proportions of the training classes (`extra["class_counts"]`; equal
+        for files that lack it): sampling p(x | y) for them samples p(x) = sum_y p(y) p(x | y).
+        Systematic sampling gives each class its share to within one; the order is random."""
+        num_classes = self.model_config.num_classes
+        counts = self.extra.get("class_counts", [1] * num_classes)
+        counts = torch.tensor(counts, dtype=torch.float64)
+        generator = torch.Generator().manual_seed(seed)
+        points = (torch.rand((), generator=generator, dtype=torch.float64) + torch.arange(n)) / n
+        labels = torch.searchsorted(counts.cumsum(0) / counts.sum(), points, right=True)
+        labels = labels.clamp(max=num_classes - 1)[torch.randperm(n, generator=generator)]
+        return labels.to(device)
 
 
 def save_checkpoint(ckpt_path, ckpt, *, ema=None, optimizer=None, rng=None):

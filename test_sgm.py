@@ -248,7 +248,7 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
 
 # ---------------------------------------------------------------- samplers against exact scores
 
-SDE_SOLVERS = [s for s in sgm.STOCHASTIC_SOLVERS]
+SDE_SOLVERS = [s for s in sgm.INPAINTING_SOLVERS]
 
 
 @pytest.mark.parametrize("sde", SDES, ids=IDS)
@@ -287,6 +287,93 @@ def test_ode_solvers_follow_the_exact_flow(sde):
     assert nfe == 35 and (x - exact).abs().mean() < 0.05
 
 
+# The few-step solvers on EDM's grid: edm (churn), dpmpp_2m, dpmpp_2m_sde.
+FEW_STEP = [("edm", dict(s_churn=10.0, s_tmin=0.0, s_tmax=1e6)), ("edm", dict(s_churn=40.0, s_tmin=0.05, s_tmax=50.0)), ("dpmpp_2m", {}),
+            ("dpmpp_2m_sde", {}), ("dpmpp_2m_sde", dict(eta=0.5))]
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+@pytest.mark.parametrize("solver, options", FEW_STEP, ids=["edm-churn10", "edm-churn40-range", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde-eta.5"])
+def test_few_step_solvers_reproduce_gaussian_data(sde, solver, options):
+    x, nfe = sgm.sample(gaussian_score(sde), sde, (4000, 4), solver, 100, generator=torch.Generator().manual_seed(0), **options)
+    assert nfe == (199 if solver == "edm" else 100)
+    assert (x.mean(0) - MU).abs().max() < 0.04, x.mean(0)
+    assert 0.97 < float(x.std(0).mean()) / S < 1.03, x.std(0)
+
+
+def exact_sample(sde, x_T, eps=1e-3):
+    """Where the few-step solvers should land for Gaussian data: the exact flow to eps, then E[x(0) | x(eps)]."""
+    e = torch.full((len(x_T),), eps)
+    x_eps = linear_ode_map(sde, x_T, eps)
+    return sgm.denoised(sde, x_eps, e, gaussian_score(sde)(x_eps, e))
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_edm_without_churn_is_heun_and_churn_changes_it(sde):
+    x_T = sde.prior_sampling((200, 4), generator=torch.Generator().manual_seed(0))
+    heun, nfe = sgm.sample(gaussian_score(sde), sde, x_T.shape, "heun", 10, x_T=x_T.clone())
+    edm, nfe_edm = sgm.sample(gaussian_score(sde), sde, x_T.shape, "edm", 10, x_T=x_T.clone(), s_churn=0.0,
+                              generator=torch.Generator().manual_seed(1))
+    assert torch.equal(edm, heun) and nfe == nfe_edm == 19
+    outside = sgm.sample(gaussian_score(sde), sde, x_T.shape, "edm", 10, x_T=x_T.clone(), s_churn=5.0, s_tmin=1e5,
+                         s_tmax=1e6, generator=torch.Generator().manual_seed(1))[0]
+    assert torch.equal(outside, heun)  # no noise level in [s_tmin, s_tmax]: no churn
+    churned = sgm.sample(gaussian_score(sde), sde, x_T.shape, "edm", 10, x_T=x_T.clone(),
+                         generator=torch.Generator().manual_seed(1))[0]  # the defaults churn
+    assert (churned - heun).abs().mean() > 0.01
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_dpmpp_2m_converges_at_second_order(sde):
+    x_T = sde.prior_sampling((500, 4), generator=torch.Generator().manual_seed(0))
+    exact = exact_sample(sde, x_T)
+    errors = []
+    for steps in (20, 40, 80):
+        x, nfe = sgm.sample(gaussian_score(sde), sde, x_T.shape, "dpmpp_2m", steps, x_T=x_T.clone())
+        assert nfe == steps
+        errors.append(float((x - exact).abs().max()))
+    assert errors[-1] < 0.01 and all(0.15 < b / a < 0.3 for a, b in zip(errors, errors[1:])), errors  # 1/4: second order
+    no_noise = sgm.sample(gaussian_score(sde), sde, x_T.shape, "dpmpp_2m_sde", 80, x_T=x_T.clone(), eta=0.0)[0]
+    assert torch.equal(no_noise, x)
+
+
+PAIRS = [(p, c) for p in sgm.PREDICTORS for c in sgm.CORRECTORS if (p, c) != ("none", "none")]
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+@pytest.mark.parametrize("predictor, corrector", PAIRS, ids=[f"{p}+{c}" for p, c in PAIRS])
+def test_every_predictor_with_every_corrector(sde, predictor, corrector):
+    """Algorithm 1 with any pair; the sub-VP Langevin corrector works (it crashes in the official code)."""
+    if predictor == "ancestral" and isinstance(sde, sgm.SubVPSDE):
+        with pytest.raises(sgm.SGMError, match="not defined"):
+            sgm.sample(gaussian_score(sde), sde, (8, 4), "pc", 10, predictor=predictor, corrector=corrector)
+        return
+    # The corrector alone needs several steps per noise level; ald's step follows std(t), not the score.
+    alone = dict(corrector_steps=5, snr=0.316 if corrector == "ald" else 0.16) if predictor == "none" else {}
+    x, nfe = sgm.sample(gaussian_score(sde), sde, (1000, 4), "pc", 200, generator=torch.Generator().manual_seed(0),
+                        predictor=predictor, corrector=corrector, **alone)
+    per_step = (predictor != "none") + (corrector != "none") * alone.get("corrector_steps", 1)
+    assert nfe == 200 * per_step
+    if (predictor, corrector, sde.name) == ("none", "ald", "subvp"):
+        return  # sub-VP's std(t) is far below its marginal std near t = 0, so ald's steps are too short to follow
+    assert (x.mean(0) - MU).abs().max() < 0.05, x.mean(0)
+    # A corrector alone ends on a Langevin mean, which drops a noise of variance ~ its step: a few % of the std.
+    low = 0.92 if predictor == "none" else 0.96
+    assert low < float(x.std(0).mean()) / S < 1.05, x.std(0)
+
+
+def test_solver_options_are_checked():
+    sde = sgm.VPSDE()
+    for options, message in [(dict(s_churn=float("nan")), "s_churn"), (dict(eta=1.5), "eta"), (dict(s_noise=-1.0), "s_noise"),
+                             (dict(predictor="heun"), "unknown predictor"), (dict(corrector="x"), "unknown corrector"),
+                             (dict(predictor="none", corrector="none"), "nothing to sample with"), (dict(snr=0.0), "snr")]:
+        solver = next(s for s in sgm.SOLVERS if set(options) <= set(sgm.solver_options(s)))
+        with pytest.raises(sgm.SGMError, match=message):
+            sgm.sample(gaussian_score(sde), sde, (4, 4), solver, 3, **options)
+    with pytest.raises(sgm.SGMError, match="--s-churn must be"):
+        sgm.check_options(dict(s_churn=-1.0), flags=True)
+
+
 def test_every_solver_has_the_one_signature():
     import inspect
     for name, solver in sgm.SOLVERS.items():
@@ -298,9 +385,12 @@ def test_every_solver_has_the_one_signature():
         assert {k: keyword_only[k] for k in ("generator", "callback", "project")} == dict.fromkeys(
             ("generator", "callback", "project")), name
         assert solver.steps >= 1 and solver.grid in (sgm.time_grid, sgm.edm_time_grid), name
-    assert sgm.solver_options("pc") == {"snr": 0.16, "corrector_steps": 1}
+        assert set(sgm.solver_options(name)) <= set(sgm.OPTION_RANGES) | set(sgm.OPTION_CHOICES), name
+    assert sgm.solver_options("pc") == {"predictor": "reverse_diffusion", "corrector": "langevin", "snr": 0.16, "corrector_steps": 1}
     assert sgm.solver_options("ode") == {"rtol": 1e-5, "atol": 1e-5} and sgm.solver_options("em") == {}
-    assert set(sgm.STOCHASTIC_SOLVERS) == {"em", "reverse_diffusion", "ancestral", "pc", "ald"}
+    assert sgm.solver_options("edm") == {"s_churn": 20.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.0}
+    assert sgm.solver_options("dpmpp_2m_sde") == {"eta": 1.0, "s_noise": 1.0} and sgm.solver_options("dpmpp_2m") == {}
+    assert set(sgm.INPAINTING_SOLVERS) == {"em", "reverse_diffusion", "ancestral", "pc", "ald"}
 
 
 @pytest.mark.parametrize("sde", SDES, ids=IDS)
@@ -329,6 +419,13 @@ def test_callback_reports_every_step():
     assert [d["i"] for d in seen] == list(range(20))
     assert seen[0]["t"] == 1.0 and seen[-1]["denoised"].shape == (16, 4)
     assert (seen[-1]["denoised"].mean(0) - MU).abs().max() < 0.5
+    for solver in ("ald", "heun", "edm", "dpmpp_2m_sde"):
+        seen = []
+        sgm.sample(gaussian_score(sde), sde, (16, 4), solver, 20, callback=seen.append, s_churn=5.0)
+        assert [d["i"] for d in seen] == list(range(20)), solver
+        assert seen[0]["t"] > 0.9 and seen[-1]["t"] == pytest.approx(1e-3, rel=1e-3), solver  # ald: the corrector at eps
+        if solver != "ald":  # 20 Langevin steps alone do not reach the data
+            assert (seen[-1]["denoised"].mean(0) - MU).abs().max() < 0.5, solver
 
 
 @pytest.mark.parametrize("solver", list(sgm.SOLVERS))
@@ -417,6 +514,7 @@ def test_train_cli_writes_checkpoint_grid_and_log(tmp_path):
     ck = sgm.load_checkpoint(str(out / "ckpt.pt"))
     assert ck.step == 24 and ck.model_config.num_classes == 10 and ck.train_config.sde == "vp"
     assert ck.train_config.preset == "quick" and ck.train_config.channels == 8 and ck.train_config.conditional
+    assert len(ck.extra["class_counts"]) == 10 and sum(ck.extra["class_counts"]) == 256  # --limit-data 256
     assert (out / "samples_0000024.png").exists()
     log = read_log(out)
     assert [row["step"] for row in log] == [8, 16, 24] and all(math.isfinite(row["loss"]) for row in log)
@@ -649,7 +747,11 @@ def test_sample_cli_npz_gif_and_reproducibility(tiny_ckpt, tmp_path):
     (["--out", "x.jpg"], "suffix must be"),
     (["--label", "banana"], "unknown --label"),
     (["--inpaint", "diagonal"], "Invalid value for '--inpaint'"),
-    (["--inpaint", "left", "--solver", "ode"], "needs a stochastic solver"),
+    (["--inpaint", "left", "--solver", "ode"], "needs a solver that re-noises every step"),
+    (["--inpaint", "left", "--solver", "dpmpp_2m_sde"], "needs a solver that re-noises every step"),
+    (["--predictor", "heun"], "Invalid value for '--predictor'"),
+    (["--solver", "pc", "--predictor", "none", "--corrector", "none"], "nothing to sample with"),
+    (["--label", "none", "--guidance", "1"], "--guidance needs labels"),
     (["--ckpt", "SUBVP", "--solver", "ancestral", "--steps", "2"], "not defined for SubVPSDE"),
 ])
 def test_sample_cli_bad_input(tiny_ckpt, tmp_path, args, message):
@@ -671,6 +773,8 @@ def test_sample_cli_inpaint_interpolate_and_label_all(tiny_ckpt, tmp_path):
                    "--n", 4, "--out", tmp_path / "inpaint.png")
     assert r.exit_code == 0, r.output
     assert Image.open(tmp_path / "inpaint.png").size == (4 * 30 + 2, 3 * 30 + 2)  # original, masked, completion rows
+    r = run_sample("--ckpt", tiny_ckpt / "tiny.pt", "--steps", 2, "--inpaint", "left", "--n", 2, "--out", tmp_path / "default.png")
+    assert r.exit_code == 0 and "pc: 2 images" in r.output, r.output  # the default solver cannot inpaint: pc instead
     r = run_sample("--ckpt", tiny_ckpt / "tiny.pt", "--interpolate", 0, 1, "--n", 4, "--rtol", 1e-2, "--atol", 1e-2,
                    "--out", tmp_path / "interp.png")
     assert r.exit_code == 0, r.output
@@ -679,6 +783,26 @@ def test_sample_cli_inpaint_interpolate_and_label_all(tiny_ckpt, tmp_path):
                    "--guidance", 2, "--out", tmp_path / "all.png")
     assert r.exit_code == 0, r.output
     assert Image.open(tmp_path / "all.png").size == (2 * 30 + 2, 10 * 30 + 2)  # one row per class
+
+
+def test_prior_labels_follow_the_training_classes(tiny_ckpt, tmp_path):
+    """Unconditional sampling of a conditional model: labels in the stored class proportions, w = 0, by default."""
+    ckpt = sgm.load_checkpoint(tiny_ckpt / "tiny.pt")
+    assert torch.equal(torch.bincount(ckpt.prior_labels(1000), minlength=10), torch.full((10,), 100))  # no counts: equal
+    ckpt.extra["class_counts"] = [0, 600, 0, 0, 300, 0, 0, 0, 0, 100]
+    labels = ckpt.prior_labels(50, seed=3)
+    assert torch.equal(torch.bincount(labels, minlength=10), torch.tensor([0, 30, 0, 0, 15, 0, 0, 0, 0, 5]))
+    assert not torch.equal(labels, labels.sort().values) and torch.equal(labels, ckpt.prior_labels(50, seed=3))
+    import numpy as np
+    r = run_sample("--ckpt", tiny_ckpt / "tiny.pt", "--solver", "dpmpp_2m", "--steps", 2, "--n", 20, "--out", tmp_path / "p.npz")
+    assert r.exit_code == 0 and "labels drawn from the training classes' frequencies" in r.output and "w = 0" in r.output, r.output
+    assert np.array_equal(np.bincount(np.load(tmp_path / "p.npz")["labels"], minlength=10), np.full(10, 2))
+    r = run_sample("--ckpt", tiny_ckpt / "tiny.pt", "--solver", "dpmpp_2m", "--steps", 2, "--n", 20, "--label", "none",
+                   "--out", tmp_path / "none.npz")
+    assert r.exit_code == 0 and "the dropped label's score" in r.output, r.output
+    assert "labels" not in np.load(tmp_path / "none.npz")
+    r = run_sample("--ckpt", tiny_ckpt / "tiny.pt", "--solver", "heun", "--steps", 2, "--n", 2, "--eta", 0.5, "--out", tmp_path / "h.png")
+    assert r.exit_code == 0 and "heun does not use --eta; ignored" in r.output, r.output
 
 
 def test_shipped_checkpoint_loads_and_samples_by_default(tmp_path):
@@ -808,21 +932,26 @@ def test_evaluate_bpd_sweep_guidance_and_speed(tiny_ckpt, tmp_path):
     r = run_evaluate("bpd", "--ckpt", tiny_ckpt / "tiny.pt", "--n", 4, "--batch-size", 2, "--rtol", 1e-2, "--atol", 1e-2, "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert "bits/dim" in r.output and "standard error" in r.output and "NFE" in r.output
-    r = run_evaluate("sweep", "--ckpt", tiny_ckpt / "tiny.pt", "--n", 16, "--solvers", "heun,em", "--max-steps", 10,
+    r = run_evaluate("sweep", "--ckpt", tiny_ckpt / "tiny.pt", "--n", 16, "--solvers", "heun,em@5/20,edm:s_churn=5@2/3", "--max-steps", 10,
                      "--out", tmp_path / "sweep", "--device", "cpu")
     assert r.exit_code == 0, r.output
     table = (tmp_path / "sweep.md").read_text()
     assert table.count("| heun |") == 2 and table.count("| em |") == 1 and "floor" in table
+    assert "| edm:s_churn=5 | 2 | 3 |" in table and "| edm:s_churn=5 | 3 | 5 |" in table and "w = 0" in table
     from PIL import Image
-    assert Image.open(tmp_path / "sweep.png").size == (760, 480)
+    assert Image.open(tmp_path / "sweep.png").size == (960, 480)
+    r = run_evaluate("fd", "--ckpt", tiny_ckpt / "tiny.pt", "--n", 4, "--solver", "dpmpp_2m_sde:eta=0.5", "--steps", 2,
+                     "--labels", "none", "--device", "cpu")
+    assert r.exit_code == 0 and "2 NFE" in r.output and "the dropped label" in r.output, r.output
     r = run_evaluate("guidance", "--ckpt", tiny_ckpt / "tiny.pt", "--n", 2, "--steps", 2, "--weights", "0,1", "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert "class accuracy" in r.output and r.output.count("\n| ") >= 3
-    r = run_evaluate("compare", tiny_ckpt / "tiny.pt", tiny_ckpt / "tiny.pt", "--solvers", "heun,em,pc", "--nfe", 6, "--n", 8,
+    r = run_evaluate("compare", tiny_ckpt / "tiny.pt", tiny_ckpt / "tiny.pt", "--solvers", "heun,em,pc,dpmpp_2m", "--nfe", 6, "--n", 8,
                      "--out", tmp_path / "compare.md", "--device", "cpu")
     assert r.exit_code == 0, r.output
     table = (tmp_path / "compare.md").read_text()
     assert table.count("| em | 6 |") == 2 and table.count("| pc | 6 |") == 2 and table.count("| heun | 35 |") == 2
+    assert table.count("| dpmpp_2m | 20 |") == 2
     assert table.count("x |") == 2  # heun / best, one row per checkpoint
     assert run_evaluate("compare", tiny_ckpt / "tiny.pt", "--solvers", "rk4").exit_code == 1
     r = run_evaluate("compare", tiny_ckpt / "subvp.pt", "--solvers", "ancestral", "--nfe", 2, "--n", 2, "--device", "cpu")
@@ -867,11 +996,21 @@ def test_non_finite_samples_are_refused():
 @pytest.mark.parametrize("script, args, message", [
     ("sample", ["--guidance", "nan", "--label", "bag"], "--guidance must be a finite number"),
     ("sample", ["--guidance", "inf"], "--guidance must be a finite number"),
-    ("sample", ["--snr", "nan"], "--snr must be"),
-    ("sample", ["--snr", "inf"], "--snr must be"),
+    ("sample", ["--solver", "pc", "--snr", "nan"], "--snr must be"),
+    ("sample", ["--solver", "ald", "--snr", "inf"], "--snr must be"),
     ("sample", ["--eps", "nan"], "--eps must be"),
-    ("sample", ["--rtol", "1e-30"], "--rtol must be"),
-    ("sample", ["--rtol", "nan"], "--rtol must be"),
+    ("sample", ["--solver", "ode", "--rtol", "1e-30"], "--rtol must be"),
+    ("sample", ["--interpolate", "0", "1", "--atol", "nan"], "--atol must be"),
+    ("sample", ["--solver", "ode", "--rtol", "nan"], "--rtol must be"),
+    ("sample", ["--solver", "edm", "--s-churn", "nan"], "--s-churn must be"),
+    ("sample", ["--solver", "edm", "--churn", "-1"], "--s-churn must be"),
+    ("sample", ["--solver", "edm", "--s-noise", "inf"], "--s-noise must be"),
+    ("sample", ["--solver", "dpmpp_2m_sde", "--eta", "2"], "--eta must be"),
+    ("evaluate", ["fd", "--solver", "edm:s_churn=nan"], "s_churn must be"),
+    ("evaluate", ["fd", "--solver", "edm:eta=1"], "edm has no option 'eta'"),
+    ("evaluate", ["fd", "--solver", "pc:snr=abc"], "snr takes a number"),
+    ("evaluate", ["fd", "--solver", "pc:predictor=heun"], "unknown predictor"),
+    ("evaluate", ["sweep", "--solvers", "heun@0"], "must be positive"),
     ("train", ["--ema-decay", "nan"], "ema_decay must be"),
     ("train", ["--lr", "nan"], "lr must be"),
     ("train", ["--time-limit", "nan"], "--time-limit must be"),

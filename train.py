@@ -151,8 +151,9 @@ def training_data(cfg, data_dir, world):
     return images, labels
 
 
-def new_checkpoint(cfg, images, device):
-    """A fresh network (initialised from the seed) for this config and data."""
+def new_checkpoint(cfg, images, labels, device):
+    """A fresh network (initialised from the seed) for this config and data. A conditional one
+    stores the class counts of its data, for unconditional sampling (`Checkpoint.prior_labels`)."""
     model_config = sgm.ModelConfig(
         image_channels=images.shape[1],
         image_size=images.shape[2],
@@ -164,7 +165,10 @@ def new_checkpoint(cfg, images, device):
     )
     sde = sgm.SDES[cfg.sde]()
     net = sgm.UNet(model_config).to(device)
-    return sgm.Checkpoint(net, sde, sde.data_range, model_config, cfg)
+    ckpt = sgm.Checkpoint(net, sde, sde.data_range, model_config, cfg)
+    if cfg.conditional:
+        ckpt.extra["class_counts"] = torch.bincount(labels, minlength=10).tolist()
+    return ckpt
 
 
 def training_state(ckpt, cfg, device, rank):
@@ -391,7 +395,7 @@ def main(ctx, **flags):
     if flags["epochs"] is not None:
         cfg.steps = max(1, round(flags["epochs"] * len(images) / (cfg.batch_size * world)))
     torch.manual_seed(cfg.seed + rank)  # the network's initial weights
-    ckpt = stored or new_checkpoint(cfg, images, device)
+    ckpt = stored or new_checkpoint(cfg, images, labels, device)
     ckpt.train_config = cfg
     try:
         ema, optimizer = training_state(ckpt, cfg, device, rank)

@@ -8,7 +8,8 @@
 # default preset (sub-VP, class-conditional) train side by side on the one GPU, since a 6 M-parameter
 # U-Net on 28x28 images leaves most of a large GPU idle; each gets MINUTES of training. OUT/<recipe>/
 # holds each run, OUT/<recipe>.pt its export (EMA, fp16, 12 MB), and OUT/results.tar.gz the logs,
-# sample grids, the solo training throughput (speed.txt) and FD / bits/dim of each export (eval.txt).
+# sample grids, the solo training throughput (speed.txt), FD and bits/dim of each export (eval.txt),
+# with the shipped model's FD for pc at 1000 steps and dpmpp_2m_sde at 35.
 # Set RECIPES to "name:flags|name:flags|..." to train others.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,6 +61,11 @@ for recipe in "${LIST[@]}"; do
      --data "$DATA") > "$OUT/$name.eval.txt" 2>&1 &
   pids+=($!)
 done
+# The shipped model: pc at 1000 steps (2000 NFE), too slow for the CPU, against dpmpp_2m_sde at 35
+(for arm in pc@1000 dpmpp_2m_sde@35; do
+   python evaluate.py fd --n 1000 --solver "${arm%@*}" --steps "${arm#*@}" --device "$DEVICE" \
+     --data "$DATA"; done) > "$OUT/shipped.eval.txt" 2>&1 &
+pids+=($!)
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 cat "$OUT"/*.eval.txt | grep -v "━" > "$OUT/eval.txt" || true
 cat "$OUT/eval.txt"
