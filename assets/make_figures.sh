@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates every table and figure in the README (about 75 minutes on 2 CPU cores).
+# Regenerates every table and figure in the README (about 3 hours on 2 CPU cores).
 # First train the three reference models, side by side (62 minutes on 2 cores):
 #   for s in ve vp subvp; do OMP_NUM_THREADS=1 python train.py --preset quick --conditional --sde $s \
 #       --steps 6000 --ema-decay 0.999 --out runs/$s > runs/$s.out 2>&1 & done; wait
