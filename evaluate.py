@@ -276,7 +276,7 @@ def parse_arm(text):
         except ValueError:
             what = {float: "a number", int: "a whole number"}.get(kind, "a name")
             raise click.ClickException(f"{text}: {key} takes {what}, not {value!r}") from None
-    sgm.check_options(options)
+    sgm.check_options({**known, **options})
     return solver, options
 
 
@@ -311,7 +311,10 @@ def fd_command(ckpt_path, arm, steps, n, rtol, atol, seed, labels, device, data_
         )  # fmt: skip
     fd, hist = scorer.fd(images)
     floor = scorer.floor(n, seed)
-    setting = f"rtol {rtol:g} atol {atol:g}" if solver == "ode" else f"steps {steps}"
+    tolerances = {"rtol": rtol, "atol": atol, **options}
+    setting = (
+        "rtol {rtol:g} atol {atol:g}".format(**tolerances) if solver == "ode" else f"steps {steps}"
+    )
     console.print(
         f"FD {fd:.2f} (floor {floor:.2f}: {n} training images vs test) | {arm}, {setting}, "
         f"{nfe:.0f} NFE, {labels_used(ckpt, labels)}, seed {seed}, "
@@ -439,8 +442,10 @@ def plot_sweep(rows, floor, path, title):
 
 def parse_sweep_arm(text):
     """An arm of the sweep: 'SOLVER[:OPTION=VALUE...][@STEPS/...]' -> (solver, options, steps)."""
-    arm, _, steps = text.partition("@")
+    arm, at, steps = text.partition("@")
     solver, options = parse_arm(arm)
+    if at and not steps:
+        raise click.ClickException(f"{text}: no step counts after @")
     try:
         steps = tuple(float(s) if solver == "ode" else int(s) for s in steps.split("/") if s)
     except ValueError:

@@ -70,7 +70,7 @@ class Options:
     known: torch.Tensor = None  # uint8 test images (n, C, H, W) to inpaint
 
     def __post_init__(self):  # click's ranges let NaN through
-        takes = sgm.solver_options("ode" if self.mode == "interpolate" else self.solver)
+        takes = sgm.solver_options(self.solver)
         sgm.check_options({k: v for k, v in self.solver_options.items() if k in takes}, flags=True)
         sgm.check_number("--eps", self.eps, 0, 0.5, low_open=True)
         if self.guidance is not None:
@@ -354,6 +354,10 @@ def main(**flags):
     source = click.get_current_context().get_parameter_source("solver")
     if flags["inpaint"] and source == click.core.ParameterSource.DEFAULT:
         flags["solver"] = "pc"  # the default solver cannot inpaint
+    if flags["interpolate"]:  # encoding and decoding are the probability-flow ODE's
+        if source == click.core.ParameterSource.COMMANDLINE and flags["solver"] != "ode":
+            console.print(f"note: --interpolate uses the ODE, not {flags['solver']}")
+        flags["solver"] = "ode"
     opts = Options(**flags)
     suffix = check_output(opts.out)
     opts.device = data.resolve_device(opts.device)
@@ -404,7 +408,7 @@ def main(**flags):
 def warn_unused_options(opts):
     """Name the solver options given on the command line that the solver does not take."""
     ctx = click.get_current_context()
-    takes = sgm.solver_options("ode" if opts.mode == "interpolate" else opts.solver)
+    takes = sgm.solver_options(opts.solver)
     for name in SOLVER_OPTIONS:
         if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
             if name not in takes:

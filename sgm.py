@@ -123,8 +123,8 @@ class SDE:
 
     def ancestral_step(self, x, t, t_next, score):
         raise SGMError(
-            f"ancestral sampling is not defined for {type(self).__name__}; "
-            "use 'reverse_diffusion' or 'pc'"
+            f"ancestral sampling is not defined for {type(self).__name__}; use the reverse "
+            "diffusion predictor (solver reverse_diffusion, or pc's default predictor)"
         )
 
     def config(self):
@@ -546,7 +546,7 @@ def sample_pc(score_fn, sde, x, ts, *, generator=None, callback=None, project=No
     predict, correct = PREDICTORS[predictor], CORRECTORS[corrector]
     corrector_steps = corrector_steps if correct else 0
     if predict is None and corrector_steps == 0:
-        raise SGMError("no predictor and no corrector steps: pc has nothing to sample with")
+        raise SGMError("no predictor and no corrector steps: nothing to sample with")
     for i in range(len(ts) - 1):
         t, t_next = ts[i].expand(x.shape[0]), ts[i + 1].expand(x.shape[0])
         alpha = sde.langevin_alpha(t, t_next)
@@ -1001,10 +1001,15 @@ def check_options(options, flags=False):
             raise SGMError(f"unknown {name} {value!r}; choose one of {choices}")
         if key in OPTION_RANGES:
             check_number(name, value, *OPTION_RANGES[key])
-    if options.get("predictor") == "none" and (
-        options.get("corrector") == "none" or options.get("corrector_steps") == 0
-    ):
-        raise SGMError("no predictor and no corrector steps: pc has nothing to sample with")
+    if "corrector_steps" in options and not isinstance(options["corrector_steps"], int):
+        raise SGMError(
+            f"corrector_steps must be a whole number, not {options['corrector_steps']!r}"
+        )
+    if options.get("s_tmin", 0) > options.get("s_tmax", math.inf):
+        raise SGMError("s_tmin is above s_tmax: edm would never churn (use heun for that)")
+    no_corrector = options.get("corrector") == "none" or options.get("corrector_steps") == 0
+    if options.get("predictor", "none") == "none" and "corrector_steps" in options and no_corrector:
+        raise SGMError("no predictor and no corrector steps: nothing to sample with")
 
 
 def sample(score_fn, sde, shape, solver="pc", steps=None, *, eps=1e-3, generator=None,
@@ -1018,11 +1023,11 @@ def sample(score_fn, sde, shape, solver="pc", steps=None, *, eps=1e-3, generator
         raise SGMError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     spec = SOLVERS[solver]
     steps = spec.steps if steps is None else steps
-    if steps < 1:
-        raise SGMError("steps must be at least 1")
+    if not isinstance(steps, int) or steps < 1:
+        raise SGMError(f"steps must be a whole number, at least 1, not {steps!r}")
     check_number("eps", eps, 0, sde.T / 2, low_open=True)
     own = {k: v for k, v in options.items() if k in solver_options(solver)}
-    check_options(own)
+    check_options({**solver_options(solver), **own})
     counted = CountedScore(score_fn)
     x = sde.prior_sampling(shape, generator, device) if x_T is None else x_T
     project = None if known is None else replace_known(sde, known, mask, generator)

@@ -366,12 +366,18 @@ def test_solver_options_are_checked():
     sde = sgm.VPSDE()
     for options, message in [(dict(s_churn=float("nan")), "s_churn"), (dict(eta=1.5), "eta"), (dict(s_noise=-1.0), "s_noise"),
                              (dict(predictor="heun"), "unknown predictor"), (dict(corrector="x"), "unknown corrector"),
-                             (dict(predictor="none", corrector="none"), "nothing to sample with"), (dict(snr=0.0), "snr")]:
+                             (dict(predictor="none", corrector="none"), "nothing to sample with"), (dict(snr=0.0), "snr"),
+                             (dict(corrector_steps=2.5), "whole number"), (dict(s_tmin=10.0, s_tmax=1.0), "s_tmin is above s_tmax")]:
         solver = next(s for s in sgm.SOLVERS if set(options) <= set(sgm.solver_options(s)))
         with pytest.raises(sgm.SGMError, match=message):
             sgm.sample(gaussian_score(sde), sde, (4, 4), solver, 3, **options)
     with pytest.raises(sgm.SGMError, match="--s-churn must be"):
         sgm.check_options(dict(s_churn=-1.0), flags=True)
+    with pytest.raises(sgm.SGMError, match="nothing to sample with"):  # ald is pc without a predictor
+        sgm.sample(gaussian_score(sde), sde, (4, 4), "ald", 3, corrector_steps=0)
+    with pytest.raises(sgm.SGMError, match="whole number"):
+        sgm.sample(gaussian_score(sde), sde, (4, 4), "heun", 2.5)
+    assert sgm.sample(gaussian_score(sde), sde, (4, 4), "pc", 3, corrector_steps=0)[1] == 3  # the predictor alone
 
 
 def test_every_solver_has_the_one_signature():
@@ -779,6 +785,7 @@ def test_sample_cli_inpaint_interpolate_and_label_all(tiny_ckpt, tmp_path):
                    "--out", tmp_path / "interp.png")
     assert r.exit_code == 0, r.output
     assert Image.open(tmp_path / "interp.png").size == (6 * 30 + 2, 32)  # A, 4 steps, B
+    assert "ode: 4 images" in r.output, r.output  # interpolation is the ODE's, whatever the default solver
     r = run_sample("--ckpt", tiny_ckpt / "tiny.pt", "--solver", "heun", "--steps", 2, "--label", "all", "--n", 20,
                    "--guidance", 2, "--out", tmp_path / "all.png")
     assert r.exit_code == 0, r.output
@@ -1011,6 +1018,7 @@ def test_non_finite_samples_are_refused():
     ("evaluate", ["fd", "--solver", "pc:snr=abc"], "snr takes a number"),
     ("evaluate", ["fd", "--solver", "pc:predictor=heun"], "unknown predictor"),
     ("evaluate", ["sweep", "--solvers", "heun@0"], "must be positive"),
+    ("evaluate", ["sweep", "--solvers", "heun@"], "no step counts after @"),
     ("train", ["--ema-decay", "nan"], "ema_decay must be"),
     ("train", ["--lr", "nan"], "lr must be"),
     ("train", ["--time-limit", "nan"], "--time-limit must be"),
