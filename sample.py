@@ -33,6 +33,7 @@ console = Console(stderr=True, soft_wrap=True)
 MASKS = ("left", "right", "top", "bottom", "center", "random")
 SOLVER_OPTIONS = ("predictor", "corrector", "snr", "corrector_steps", "rtol", "atol", "s_churn",
                   "s_tmin", "s_tmax", "s_noise", "eta")  # fmt: skip
+PC, ODE, EDM, SDE2M = (sgm.solver_options(s) for s in ("pc", "ode", "edm", "dpmpp_2m_sde"))
 
 
 @dataclasses.dataclass
@@ -70,8 +71,7 @@ class Options:
     known: torch.Tensor = None  # uint8 test images (n, C, H, W) to inpaint
 
     def __post_init__(self):  # click's ranges let NaN through
-        takes = sgm.solver_options(self.solver)
-        sgm.check_options({k: v for k, v in self.solver_options.items() if k in takes}, flags=True)
+        sgm.check_options({**sgm.solver_options(self.solver), **self.solver_options}, flags=True)
         sgm.check_number("--eps", self.eps, 0, 0.5, low_open=True)
         if self.guidance is not None:
             sgm.check_number("--guidance", self.guidance, 0, 1e3)
@@ -81,8 +81,15 @@ class Options:
         return "inpaint" if self.inpaint else "interpolate" if self.interpolate else "sample"
 
     @property
-    def solver_options(self):  # each solver takes its own: see sgm.solver_options
-        return {name: getattr(self, name) for name in SOLVER_OPTIONS}
+    def given_options(self):  # the solver options on the command line; the rest keep sgm's defaults
+        return {
+            name: getattr(self, name) for name in SOLVER_OPTIONS if getattr(self, name) is not None
+        }
+
+    @property
+    def solver_options(self):  # those of the given options that this solver takes
+        takes = sgm.solver_options(self.solver)
+        return {name: value for name, value in self.given_options.items() if name in takes}
 
 
 class Command(click.Command):
@@ -273,40 +280,46 @@ def write_output(x, frames, labels, ckpt, out, nrow):
 @click.option(
     "--snr",
     type=click.FloatRange(0, min_open=True),
-    default=0.16,
-    help="Langevin signal-to-noise ratio (pc, ald).",
+    help=f"Langevin signal-to-noise ratio (pc, ald) [{PC['snr']}].",
 )
 @click.option(
     "--corrector-steps",
     type=click.IntRange(0),
-    default=1,
-    help="Corrector steps per time step (pc, ald).",
+    help=f"Corrector steps per time step (pc, ald) [{PC['corrector_steps']}].",
 )
 @click.option(
     "--predictor",
     type=click.Choice(list(sgm.PREDICTORS)),
-    default="reverse_diffusion",
-    help="pc's predictor.",
+    help=f"pc's predictor [{PC['predictor']}].",
 )
 @click.option(
     "--corrector",
     type=click.Choice(list(sgm.CORRECTORS)),
-    default="langevin",
-    help="pc's corrector.",
+    help=f"pc's corrector [{PC['corrector']}].",
 )
 @click.option(
-    "--rtol", type=click.FloatRange(0, min_open=True), default=1e-5, help="ode relative tolerance."
+    "--rtol",
+    type=click.FloatRange(0, min_open=True),
+    help=f"ode relative tolerance [{ODE['rtol']}].",
 )
 @click.option(
-    "--atol", type=click.FloatRange(0, min_open=True), default=1e-5, help="ode absolute tolerance."
+    "--atol",
+    type=click.FloatRange(0, min_open=True),
+    help=f"ode absolute tolerance [{ODE['atol']}].",
 )
 @click.option(
-    "--s-churn", "--churn", "s_churn", type=float, default=20.0, help="edm: churn S_churn, 0-1000."
+    "--s-churn",
+    "--churn",
+    "s_churn",
+    type=float,
+    help=f"edm: churn S_churn, 0-1000 [{EDM['s_churn']}].",
 )
-@click.option("--s-tmin", type=float, default=0.05, help="edm: churn from this noise level.")
-@click.option("--s-tmax", type=float, default=50.0, help="edm: churn up to this noise level.")
-@click.option("--s-noise", type=float, default=1.0, help="edm, dpmpp_2m_sde: noise scale, 0-2.")
-@click.option("--eta", type=float, default=1.0, help="dpmpp_2m_sde: stochasticity, 0-1.")
+@click.option("--s-tmin", type=float, help=f"edm: churn from this noise level [{EDM['s_tmin']}].")
+@click.option("--s-tmax", type=float, help=f"edm: churn up to this noise level [{EDM['s_tmax']}].")
+@click.option(
+    "--s-noise", type=float, help=f"edm, dpmpp_2m_sde: noise scale, 0-2 [{EDM['s_noise']}]."
+)
+@click.option("--eta", type=float, help=f"dpmpp_2m_sde: stochasticity, 0-1 [{SDE2M['eta']}].")
 @click.option(
     "--eps", type=click.FloatRange(0, 0.5, min_open=True), default=1e-3, help="Final time."
 )
@@ -385,7 +398,7 @@ def main(**flags):
                 data.to_model_range(images[i : i + 1], ckpt.data_range) for i in opts.interpolate
             )
             a, b = a.to(opts.device), b.to(opts.device)
-            kwargs = dict(eps=opts.eps, rtol=opts.rtol, atol=opts.atol)
+            kwargs = dict(eps=opts.eps, **opts.solver_options)  # the ODE's rtol and atol
             x, nfe = sgm.interpolate(ckpt.score_fn(), ckpt.sde, a, b, opts.n, **kwargs)
             x, nrow = torch.cat([a, x, b]), opts.n + 2
         else:
@@ -407,13 +420,9 @@ def main(**flags):
 
 def warn_unused_options(opts):
     """Name the solver options given on the command line that the solver does not take."""
-    ctx = click.get_current_context()
-    takes = sgm.solver_options(opts.solver)
-    for name in SOLVER_OPTIONS:
-        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
-            if name not in takes:
-                flag = "--" + name.replace("_", "-")
-                console.print(f"note: {opts.solver} does not use {flag}; ignored", highlight=False)
+    for name in [name for name in opts.given_options if name not in opts.solver_options]:
+        flag = "--" + name.replace("_", "-")
+        console.print(f"note: {opts.solver} does not use {flag}; ignored", highlight=False)
 
 
 def check_test_inputs(opts, ckpt, suffix):
