@@ -6,6 +6,7 @@ Measure a score-based model: sample quality, test-set bits/dim, quality against 
     python evaluate.py sweep --ckpt runs/vp/ckpt.pt --n 500 --out sweep     # sweep.md and sweep.png
     python evaluate.py compare runs/ve/ckpt.pt runs/vp/ckpt.pt --n 500      # SDE x solver table
     python evaluate.py export runs/vp/ckpt.pt --out my.pt                  # EMA-only, fp16
+    python evaluate.py runs runs/a runs/b --seeds 0,1                      # FD of training runs
     python evaluate.py speed
     python evaluate.py train-classifier                  # rebuilds checkpoints/classifier.pt
 
@@ -16,8 +17,12 @@ here; the numbers are therefore not comparable to published FIDs, only to each o
 with its floor: N training images against the test set, what a perfect model would score with N.
 """
 
+import contextlib
+import dataclasses
 import functools
+import glob
 import hashlib
+import json
 import math
 import os
 import platform
@@ -37,6 +42,7 @@ import sgm
 console = Console(stderr=True, soft_wrap=True)
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLASSIFIER = os.path.join(HERE, "checkpoints", "classifier.pt")
+HEUN_STEPS = 18  # 35 NFE: the setting of every training-run FD here and in train.py's grids
 CLASSIFIER_SHA256 = "e4a16879aac282cec5f7be1381fdc19615a1d04e7a8c641bbfd5e62c4e33bfc8"
 
 
@@ -515,6 +521,105 @@ def sweep_command(ckpt_path, n, solvers, max_steps, out, seed, labels, device, d
                 data.save_text(sweep_table(rows, header), out + ".md")  # nothing lost on Ctrl-C
                 plot_sweep(rows, floor, out + ".png", title)
     console.print(sweep_table(rows, header) + f"wrote {out}.md and {out}.png")
+
+
+RECIPE_SKIP = ("preset", "steps", "seed", "log_every", "sample_every", "ckpt_every")
+
+
+def recipe(cfg):
+    """A run's recipe in words: its preset and what differs from it (steps aside)."""
+    preset = sgm.TrainConfig(**{**sgm.PRESETS.get(cfg.preset, {}), "preset": cfg.preset})
+    changed = [
+        f"{f.name}={getattr(cfg, f.name)}".replace(" ", "")
+        for f in dataclasses.fields(cfg)
+        if f.name not in RECIPE_SKIP and getattr(cfg, f.name) != getattr(preset, f.name)
+    ]
+    return " ".join([cfg.preset, *changed])
+
+
+def run_points(folder):
+    """A run folder's evaluation points: (minutes, path) of each snapshot_<M>min.pt, then ckpt.pt
+    at its training time (NaN for runs older than this); and the median img/s in log.jsonl."""
+    ckpt_path = os.path.join(folder, "ckpt.pt")
+    if not os.path.isfile(ckpt_path):
+        raise click.ClickException(f"{folder}: no ckpt.pt; is it a train.py run folder?")
+    points = []
+    for path in glob.glob(os.path.join(folder, "snapshot_*min.pt")):
+        with contextlib.suppress(ValueError):
+            points.append((float(os.path.basename(path)[9:-6]), path))
+    final = sgm.load_checkpoint(ckpt_path)
+    points = [*sorted(points), (final.extra.get("train_seconds", math.nan) / 60, ckpt_path)]
+    rates = []
+    with contextlib.suppress(OSError), open(os.path.join(folder, "log.jsonl")) as f:
+        for line in f:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                rates.append(float(json.loads(line)["img_per_s"]))
+    rate = sorted(rates)[len(rates) // 2] if rates else math.nan
+    return points, rate
+
+
+def runs_table(rows, header):
+    table = (
+        "| run | recipe | img/s | minutes | steps | images | FD |\n|---|---|---|---|---|---|---|\n"
+    )
+    for r in rows:
+        fds = " / ".join(f"{fd:.1f}" for fd in r["fds"])
+        table += (
+            f"| {r['run']} | {r['recipe']} | {r['rate']:.0f} | {r['minutes']:.3g} | {r['step']} | "
+            f"{r['images']} | {fds} |\n"
+        )
+    return header + table
+
+
+@main.command("runs")
+@click.argument("folders", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--n", type=click.IntRange(2), default=1000, help="Samples per FD.")
+@click.option("--seeds", default="0", help="Comma-separated sampling seeds, e.g. 0,1.")
+@click.option("--out", default="runs", help="Writes OUT.md, after every FD.")
+@click.option(
+    "--snapshots/--no-snapshots", default=True, help="The snapshots too, or ckpt.pt only."
+)
+@labels_option
+@device_option
+@data_option
+def runs_command(folders, n, seeds, out, snapshots, labels, device, data_dir):
+    """Compare training runs: FD (heun, 35 NFE) of every snapshot (train.py --snapshot-minutes)
+    and final checkpoint of each run folder, with the same noise for all, beside the run's
+    recipe, training throughput and images seen. With several seeds, an FD per seed."""
+    device = data.resolve_device(device)
+    try:
+        seeds = [int(s) for s in seeds.split(",")]
+    except ValueError:
+        raise click.ClickException(
+            f"--seeds {seeds!r}: whole numbers separated by commas"
+        ) from None
+    data.check_writable(out + ".md")
+    runs = [(folder, *run_points(folder)) for folder in folders]  # every folder checked first
+    scorer = Scorer(data_dir, device)
+    floors = " / ".join(f"{scorer.floor(n, seed):.2f}" for seed in seeds)
+    header = (
+        f"FD with heun, {HEUN_STEPS} steps (35 NFE), {n} samples per FD, seeds "
+        f"{'/'.join(map(str, seeds))} ({labels}), floor {floors} ({n} training images). "
+        f"Minutes of training (sampling excluded); images = steps x batch. {machine()}, "
+        f"{device}.\n\n"
+    )
+    rows = []
+    with Progress(console=console) as progress:
+        for folder, points, rate in runs:
+            for minutes, path in points if snapshots else points[-1:]:
+                ckpt = sgm.load_checkpoint(path, device)
+                fds = []
+                for seed in seeds:
+                    images = generate(ckpt, "heun", HEUN_STEPS, n, device, seed=seed,
+                                      progress=progress, labels=labels)[0]  # fmt: skip
+                    fds.append(scorer.fd(images)[0])
+                cfg = ckpt.train_config
+                images = ckpt.step * cfg.batch_size
+                rows.append(dict(run=folder, recipe=recipe(cfg), rate=rate, minutes=minutes,
+                                 step=ckpt.step, images=images, fds=fds))  # fmt: skip
+                progress.console.print(f"{folder}, {minutes:.3g} min: FD {fds}")
+                data.save_text(runs_table(rows, header), out + ".md")
+    console.print(runs_table(rows, header) + f"wrote {out}.md")
 
 
 def heun_versus_stochastic(rows, ckpt_paths, nfe):

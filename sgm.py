@@ -429,18 +429,55 @@ def score_model(net, sde):
 # Loss: continuous denoising score matching (eq. 7)
 
 
-def dsm_loss(net, sde, x, eps=1e-5, likelihood_weighting=False, labels=None):
-    """E_t E_z lambda(t) ||s(x_t, t) + z / std(t)||^2 with t ~ U(eps, T), averaged over batch and
-    dimensions. Default lambda = std^2: ||std s + z||^2 = ||z - noise||^2. Likelihood weighting
-    lambda = g^2 (Song et al. 2021b) bounds the negative log-likelihood."""
-    t = eps + (sde.T - eps) * torch.rand(x.shape[0], device=x.device)  # (B,)
+NOISE_SAMPLINGS = ("uniform", "lognormal", "importance")
+P_MEAN, P_STD = -1.2, 1.2  # EDM's log-normal distribution of training noise levels
+
+
+def training_times(sde, batch, noise_sampling, eps, device):
+    """t (B,) for the loss and the density ratio q(t) = p_uniform(t) / p(t) that keeps the loss
+    an unbiased estimate of eq. 7's uniform-t objective (1 for "uniform"). "importance" draws
+    log sigma(t) uniformly: since d log sigma^2 / dt = g^2 / std^2 for every linear SDE, its
+    density in t is proportional to g^2 / std^2, the likelihood weight (Song et al. 2021b).
+    "lognormal" draws log sigma ~ N(P_MEAN, P_STD^2) (Karras et al. 2022); it is not importance
+    sampling, and its weighting is set in dsm_loss."""
+    if noise_sampling == "uniform":
+        t = eps + (sde.T - eps) * torch.rand(batch, device=device)
+        return t, torch.ones_like(t)
+    u = torch.rand(batch, device=device, dtype=torch.float64)
+    ends = sde.noise_level(torch.tensor([eps, sde.T], dtype=torch.float64, device=device))
+    log_lo, log_hi = ends.log().tolist()
+    if noise_sampling == "lognormal":
+        sigma = torch.exp(P_MEAN + P_STD * torch.randn_like(u)).clamp(*ends.tolist())
+        t = sde.time_at_noise_level(sigma).clamp(eps, sde.T).float()
+        return t, torch.ones_like(t)
+    sigma = torch.exp(log_lo + (log_hi - log_lo) * u)
+    t = sde.time_at_noise_level(sigma).clamp(eps, sde.T).float()
+    g, std = sde.sde(torch.zeros(batch, device=device), t)[1], sde.std(t)
+    density = g**2 / std**2 / (2 * (log_hi - log_lo))  # of t
+    return t, 1 / ((sde.T - eps) * density)
+
+
+def dsm_loss(net, sde, x, eps=1e-5, likelihood_weighting=False, labels=None,
+             noise_sampling="uniform"):  # fmt: skip
+    """E_t E_z lambda(t) / std^2 ||std s(x_t, t) + z||^2 (eq. 7), averaged over batch and
+    dimensions; ||std s + z||^2 = ||noise - z||^2. Default lambda = std^2. Likelihood weighting
+    lambda = g^2 (Song et al. 2021b) bounds the negative log-likelihood; with importance
+    sampling of t its weight is a constant. "lognormal" is EDM's recipe instead: sigma from
+    a log-normal and weight (sigma^2 + SIGMA_DATA^2) / SIGMA_DATA^2, which gives the network's
+    target (see predict_noise) unit variance at every noise level."""
+    if noise_sampling not in NOISE_SAMPLINGS:
+        raise SGMError(f"noise_sampling must be one of {', '.join(NOISE_SAMPLINGS)}")
+    if noise_sampling == "lognormal" and likelihood_weighting:
+        raise SGMError("lognormal noise sampling has its own weighting: not with likelihood")
+    t, ratio = training_times(sde, x.shape[0], noise_sampling, eps, x.device)  # (B,), (B,)
     z = torch.randn_like(x)
     mean, std = sde.marginal_prob(x, t)
     noise = predict_noise(net, sde, mean + append_dims(std, x.ndim) * z, t, labels)
     per_sample = (noise - z).pow(2).flatten(1).mean(1)  # (B,) = ||std s + z||^2 / D
-    if likelihood_weighting:
-        per_sample = per_sample * sde.sde(x, t)[1] ** 2 / std**2
-    return per_sample.mean()
+    if noise_sampling == "lognormal":
+        return (per_sample * (sde.noise_level(t) ** 2 / SIGMA_DATA**2 + 1)).mean()
+    weight = sde.sde(x, t)[1] ** 2 / std**2 if likelihood_weighting else torch.ones_like(std)
+    return (per_sample * weight * ratio).mean()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1055,10 +1092,11 @@ class EMA:
         self.shadow = {k: v.detach().clone() for k, v in net.state_dict().items()}
 
     @torch.no_grad()
-    def update(self, net):
+    def update(self, net, decay=None):
+        decay = self.decay if decay is None else decay
         for k, v in net.state_dict().items():
             if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v, 1 - self.decay)
+                self.shadow[k].lerp_(v, 1 - decay)
             else:
                 self.shadow[k].copy_(v)
 
@@ -1073,6 +1111,9 @@ class EMA:
             self.shadow[k].copy_(v)
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; train.py stores it whole in the checkpoint, and
@@ -1083,6 +1124,8 @@ class TrainConfig:
     conditional: bool = False  # train with labels, dropped with label_dropout, for guidance
     label_dropout: float = 0.1
     likelihood_weighting: bool = False
+    noise_sampling: str = "uniform"  # of t: uniform, lognormal (EDM) or importance (see dsm_loss)
+    sigma_max: float = None  # VE only: None keeps VESDE's 50
     channels: int = 64
     channel_mult: tuple = (1, 2, 2)
     num_res_blocks: int = 2
@@ -1091,9 +1134,11 @@ class TrainConfig:
     steps: int = 100_000
     lr: float = 2e-4
     warmup: int = 5000  # linear learning-rate warm-up steps
+    lr_schedule: str = "constant"  # or "cosine": down to 0 at `steps`
     grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    amp: bool = True  # bf16 autocast on CUDA
+    ema_decay: float = 0.999  # the largest decay; with ema_ramp, reached late
+    ema_ramp: float = 0.0  # > 0: EMA half-life at most ema_ramp x the steps so far (EDM)
+    amp: bool = True  # bf16 autocast on CUDA, and on CPUs with native bf16
     seed: int = 0
     limit_data: int = 0  # 0: all training images
     # May change on --resume:
@@ -1108,6 +1153,20 @@ class TrainConfig:
         check_number("ema_decay", self.ema_decay, 0, 1)
         check_number("grad_clip", self.grad_clip, 0, 1e6, low_open=True)
         check_number("label_dropout", self.label_dropout, 0, 1)
+        check_number("ema_ramp", self.ema_ramp, 0, 1)
+        if self.noise_sampling not in NOISE_SAMPLINGS:
+            raise SGMError(f"noise_sampling must be one of {', '.join(NOISE_SAMPLINGS)}")
+        if self.noise_sampling == "lognormal" and self.likelihood_weighting:
+            raise SGMError("lognormal noise sampling has its own weighting: not with likelihood")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise SGMError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}")
+        if self.sigma_max is not None:
+            if self.sde != "ve":
+                raise SGMError(f"sigma_max is the VE SDE's: not with the {self.sde} SDE")
+            check_number("sigma_max", self.sigma_max, VESDE.sigma_min, 1e6, low_open=True)
+
+    def make_sde(self):
+        return SDES[self.sde]() if self.sigma_max is None else VESDE(sigma_max=self.sigma_max)
 
     @classmethod
     def from_dict(cls, stored):
@@ -1121,9 +1180,10 @@ class TrainConfig:
 
 PRESETS = {  # train.py --preset: what each changes from TrainConfig's defaults
     "default": {},  # 6.19 M parameters, for a GPU
-    "quick": dict(  # 0.65 M parameters: garments after ~12 minutes on a laptop CPU
-        channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, dropout=0.0, batch_size=64,
-        steps=2500, lr=2e-3, warmup=100, ema_decay=0.995, sample_every=500, ckpt_every=250,
+    "quick": dict(  # 0.37 M parameters, for a laptop CPU: ~17 minutes on 2 cores (README)
+        channels=12, channel_mult=(1, 2, 4), num_res_blocks=1, dropout=0.0, batch_size=32,
+        steps=5000, lr=2e-3, warmup=100, lr_schedule="cosine", ema_decay=0.9995, ema_ramp=0.15,
+        sample_every=1000, ckpt_every=500,
     ),
 }  # fmt: skip
 

@@ -173,6 +173,65 @@ def test_dsm_loss_is_minimised_by_the_exact_score(sde):
     assert math.isfinite(weighted) and weighted != losses[1.0]
 
 
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_importance_sampling_estimates_the_likelihood_weighted_loss(sde):
+    """Drawing log sigma uniformly has density g^2 / std^2 in t (d log sigma^2 / dt = g^2 / std^2 for
+    linear SDEs): with the exact score it must give eq. 7's expectation under uniform t, for both weightings."""
+    x = MU + S * torch.randn(100_000, 4, generator=torch.Generator().manual_seed(0))
+    t = torch.linspace(1e-5, 1, 2_000_001, dtype=torch.float64)  # a Riemann sum over uniform t
+    floor = sde.mean_scale(t) ** 2 * S ** 2 / marginal_var(sde, t, S ** 2)  # the loss per dimension at t
+    g2_over_var = sde.sde(torch.zeros_like(t), t)[1] ** 2 / sde.std(t) ** 2
+    for likelihood, expected in [(False, float(floor.mean())), (True, float((g2_over_var * floor).mean()))]:
+        torch.manual_seed(2)
+        loss = float(sgm.dsm_loss(ExactNoise(sde), sde, x, likelihood_weighting=likelihood, noise_sampling="importance"))
+        assert abs(loss - expected) < 0.03 * expected, (likelihood, loss, expected)
+    t, ratio = sgm.training_times(sde, 200_000, "importance", 1e-5, "cpu")
+    log_sigma = sde.noise_level(t.double()).log()
+    ends = sde.noise_level(torch.tensor([1e-5, 1.0], dtype=torch.float64)).log()
+    assert abs(float(log_sigma.mean()) - float(ends.mean())) < 0.01 * float(ends[1] - ends[0])  # uniform in log sigma
+    assert abs(float(ratio.mean()) - 1) < 0.02 and abs(float((ratio * t).mean()) - 0.5) < 0.01  # E_p[q f] = E_U[f]
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_lognormal_noise_sampling_follows_edm_and_is_minimised_by_the_exact_score(sde):
+    t, ratio = sgm.training_times(sde, 100_000, "lognormal", 1e-5, "cpu")
+    log_sigma = sde.noise_level(t.double()).log()
+    lo, hi = sde.noise_level(torch.tensor([1e-5, 1.0], dtype=torch.float64)).log().tolist()
+    inside = (log_sigma > lo + 1e-6) & (log_sigma < hi - 1e-6)
+    assert inside.float().mean() > 0.99 and bool((ratio == 1).all())
+    assert abs(float(log_sigma[inside].mean()) - sgm.P_MEAN) < 0.03 and abs(float(log_sigma[inside].std()) - sgm.P_STD) < 0.03
+    x = MU + S * torch.randn(100_000, 4, generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for scale in (1.0, 0.9, 1.1):
+        torch.manual_seed(1)
+        losses[scale] = float(sgm.dsm_loss(ExactNoise(sde, scale), sde, x, noise_sampling="lognormal"))
+    assert losses[1.0] < min(losses[0.9], losses[1.1]), losses
+    with pytest.raises(sgm.SGMError, match="own weighting"):
+        sgm.dsm_loss(ExactNoise(sde), sde, x[:4], likelihood_weighting=True, noise_sampling="lognormal")
+    with pytest.raises(sgm.SGMError, match="noise_sampling must be"):
+        sgm.dsm_loss(ExactNoise(sde), sde, x[:4], noise_sampling="normal")
+
+
+def test_learning_rate_schedule_and_ema_ramp():
+    from train import ema_decay, learning_rate
+    cfg = sgm.TrainConfig(lr=1e-3, warmup=10, steps=110, lr_schedule="cosine")
+    assert learning_rate(cfg, 0) == pytest.approx(1e-4, rel=1e-2)  # warm-up, and the cosine has barely begun
+    assert learning_rate(cfg, 55) == pytest.approx(5e-4) and learning_rate(cfg, 110) == pytest.approx(0, abs=1e-12)
+    assert [learning_rate(sgm.TrainConfig(lr=1e-3, warmup=10), s) for s in (0, 9, 500)] == pytest.approx([1e-4, 1e-3, 1e-3])
+    ramp = sgm.TrainConfig(ema_decay=0.999, ema_ramp=0.1)
+    assert ema_decay(ramp, 0) == pytest.approx(0.5 ** 10)  # half-life 0.1 steps: the first weights are forgotten
+    assert ema_decay(ramp, 99) == pytest.approx(0.5 ** 0.1)  # half-life 10 steps after 100
+    assert ema_decay(ramp, 10**6) == 0.999 and ema_decay(sgm.TrainConfig(ema_decay=0.99), 0) == 0.99
+    for bad, message in [(dict(noise_sampling="x"), "noise_sampling must be"), (dict(lr_schedule="step"), "lr_schedule must be"),
+                         (dict(ema_ramp=2.0), "ema_ramp must be"), (dict(sigma_max=22.0), "not with the vp SDE"),
+                         (dict(sde="ve", sigma_max=0.001), "sigma_max must be"),
+                         (dict(noise_sampling="lognormal", likelihood_weighting=True), "own weighting")]:
+        with pytest.raises(sgm.SGMError, match=message):
+            sgm.TrainConfig(**bad)
+    ve = sgm.TrainConfig(sde="ve", sigma_max=22.0).make_sde()
+    assert isinstance(ve, sgm.VESDE) and ve.sigma_max == 22.0 and sgm.TrainConfig(sde="ve").make_sde().sigma_max == 50.0
+
+
 def test_small_unet_overfits_one_batch():
     from data import load_fashion_mnist, to_model_range
     images, _ = load_fashion_mnist(os.path.join(HERE, "data"))
@@ -194,6 +253,13 @@ def test_small_unet_overfits_one_batch():
         opt.step()
     after = fixed_loss()
     assert after < 0.5 * before, (before, after)
+    # bf16 autocast (train.py's --amp on CPUs with native bf16) leaves the loss of the trained net within 2%.
+    losses = []
+    for enabled in (False, True):
+        torch.manual_seed(123)
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=enabled):
+            losses.append(float(sgm.dsm_loss(net, sde, x)))
+    assert abs(losses[1] - losses[0]) < 0.02 * losses[0], losses
 
 
 # ---------------------------------------------------------------- checkpoints and EMA
@@ -547,6 +613,56 @@ def test_train_resume_restores_the_config_and_refuses_contradictions(tmp_path):
     assert r.exit_code == 0, r.output
     resumed = sgm.load_checkpoint(str(out / "ckpt.pt"))
     assert resumed.step == 4 and resumed.train_config == dataclasses.replace(stored, steps=4, log_every=2)
+
+
+def test_train_minutes_fits_the_steps_and_snapshots_feed_the_runs_table(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("train.py", *TRAIN_TINY, "--minutes", "0.15", "--snapshot-minutes", "0.05,0.02", "--lr-schedule", "cosine",
+                "--ema-ramp", "0.1", "--noise-sampling", "lognormal", "--sample-every", "100000", "--ckpt-every", "7",
+                "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "0.15 minutes at" in r.stderr and ("in fp32" in r.stderr or "in bf16" in r.stderr)
+    ck = sgm.load_checkpoint(str(out / "ckpt.pt"), use_ema=False)
+    cfg = ck.train_config
+    # The steps were fitted to the budget (a loaded machine may cut the run a little short) and stored for --resume.
+    assert cfg.steps != 2500 and 0.5 * cfg.steps <= ck.step <= cfg.steps and 7 < ck.extra["train_seconds"] < 11
+    assert (cfg.lr_schedule, cfg.ema_ramp, cfg.noise_sampling) == ("cosine", 0.1, "lognormal")
+    import train
+    assert read_log(out)[-1]["lr"] == pytest.approx(train.learning_rate(cfg, ck.step - 1))  # the cosine over the fitted steps
+    for minutes in ("0.02", "0.05"):
+        snap = sgm.load_checkpoint(str(out / f"snapshot_{minutes}min.pt"))
+        assert snap.is_ema and snap.resume is None and 0 < snap.step < ck.step
+    r = run_cli("train.py", *TRAIN_TINY, "--steps", "2", "--out", str(out))  # the snapshots are part of the run
+    assert r.returncode == 1 and "--overwrite" in r.stderr and (out / "snapshot_0.02min.pt").exists()
+    r = run_evaluate("runs", out, "--n", 4, "--seeds", "0,1", "--out", tmp_path / "table", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    table = (tmp_path / "table.md").read_text()
+    import evaluate
+    recipe = evaluate.recipe(cfg)  # the preset, then what differs from it
+    assert recipe.startswith("quick ") and "noise_sampling=lognormal" in recipe and "channels=8" in recipe and "steps" not in recipe
+    assert table.count(f"| {out} | {recipe} |") == 3, table
+    assert "| 0.02 |" in table and "| 0.05 |" in table and "floor" in table
+    assert table.count(" / ") >= 3  # an FD per seed
+    r = run_evaluate("runs", tmp_path, "--n", 4, "--device", "cpu")
+    assert r.exit_code == 1 and "no ckpt.pt" in r.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--minutes", "5", "--steps", "10"], "one of --steps, --epochs and --minutes"),
+    (["--minutes", "nan"], "--minutes must be"),
+    (["--snapshot-minutes", "5,x"], "minutes separated by commas"),
+    (["--snapshot-minutes", "0"], "--snapshot-minutes must be"),
+    (["--sigma-max", "22"], "not with the vp SDE"),
+    (["--sde", "ve", "--sigma-max", "nan"], "--sigma-max must be"),
+    (["--noise-sampling", "lognormal", "--likelihood-weighting"], "own weighting"),
+    (["--ema-ramp", "2"], "--ema-ramp"),
+    (["--lr-schedule", "linear"], "--lr-schedule"),
+])
+def test_train_recipe_options_refuse_bad_values(tmp_path, args, message):
+    import train
+    r = CliRunner().invoke(train.main, [*TRAIN_TINY, *args, "--out", str(tmp_path / "run")])
+    assert r.exit_code in (1, 2) and message in r.output, r.output
+    assert isinstance(r.exception, SystemExit) and not (tmp_path / "run").exists()
 
 
 def test_train_resume_from_an_export_is_refused(tiny_ckpt, tmp_path):

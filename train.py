@@ -2,7 +2,7 @@
 Train a score-based model on FashionMNIST.
 
     python train.py --device cuda                   # the default model, on a GPU
-    python train.py --preset quick                  # a small model: garments in ~12 CPU minutes
+    python train.py --preset quick                  # a small model for a laptop CPU, ~20 minutes
     python train.py --resume --out runs/vp          # continue a run exactly where it stopped
     torchrun --nproc_per_node 2 train.py ...        # data-parallel on GPUs (or CPU processes)
 
@@ -34,6 +34,7 @@ import sgm
 console = Console(stderr=True, soft_wrap=True)
 RESUMABLE = ("steps", "log_every", "sample_every", "ckpt_every")  # may change on --resume
 GRID_STEPS = 18  # Heun steps for the sample grids: 35 NFE
+CALIBRATION = 5  # --minutes: the speed is timed from this step on (the first ones are slow)
 
 
 class Command(click.Command):
@@ -103,11 +104,12 @@ def check_run_folder(out, resume, overwrite):
     if os.path.isfile(out):
         raise click.ClickException(f"--out {out} is a file, not a folder")
     data.check_writable(ckpt_path)
-    if os.path.exists(ckpt_path) and not resume and not overwrite:
+    snapshots = glob.glob(os.path.join(out, "snapshot_*min.pt"))
+    if (os.path.exists(ckpt_path) or snapshots) and not resume and not overwrite:
         try:
             held = f"a run at step {sgm.load_checkpoint(ckpt_path).step}"
         except sgm.CheckpointError:
-            held = "a checkpoint"
+            held = "a checkpoint" if os.path.exists(ckpt_path) else "snapshots of a run"
         raise click.ClickException(
             f"{out} holds {held}: use --resume to continue it, --out for a new run, or "
             "--overwrite to replace it"
@@ -124,7 +126,8 @@ def start_run_folder(out, resume_step=None):
         os.remove(tmp)
     log_path = os.path.join(out, "log.jsonl")
     if resume_step is None:
-        for path in [os.path.join(out, "ckpt.pt"), log_path, *glob.glob(f"{out}/samples_*.png")]:
+        earlier = [*glob.glob(f"{out}/samples_*.png"), *glob.glob(f"{out}/snapshot_*min.pt")]
+        for path in [os.path.join(out, "ckpt.pt"), log_path, *earlier]:
             if os.path.exists(path):
                 os.remove(path)
     elif os.path.exists(log_path):
@@ -163,7 +166,7 @@ def new_checkpoint(cfg, images, labels, device):
         dropout=cfg.dropout,
         num_classes=10 if cfg.conditional else 0,
     )
-    sde = sgm.SDES[cfg.sde]()
+    sde = cfg.make_sde()
     net = sgm.UNet(model_config).to(device)
     ckpt = sgm.Checkpoint(net, sde, sde.data_range, model_config, cfg)
     if cfg.conditional:
@@ -210,6 +213,11 @@ class Run:
     rank: int
     out: str
     time_limit: float = None  # minutes
+    minutes: float = None  # --minutes: fit the steps to this budget
+    snapshots: list = dataclasses.field(default_factory=list)  # minutes at which to export EMA
+    seconds_before: float = 0.0  # training time of the run before this process (--resume)
+    calibration: tuple = None  # (steps, seconds) when --minutes starts timing
+    fits: int = 0  # how often --minutes has fitted the steps
     progress: Progress = None
     task: int = None
     stop: int = 0  # the signal that asked to stop
@@ -242,6 +250,22 @@ def epoch_permutation(n, seed, epoch):
     return _permutation[key]
 
 
+def learning_rate(cfg, step):
+    """At optimizer step `step`: a linear warm-up, then constant or a cosine down to 0."""
+    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+    if cfg.lr_schedule == "cosine":
+        lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, cfg.steps))))
+    return lr
+
+
+def ema_decay(cfg, step):
+    """The EMA decay for update `step`: cfg.ema_decay, or with ema_ramp a half-life of at most
+    ema_ramp x (step + 1) updates (EDM), so a young run forgets its first weights quickly."""
+    if not cfg.ema_ramp:
+        return cfg.ema_decay
+    return min(cfg.ema_decay, 0.5 ** (1 / (cfg.ema_ramp * (step + 1))))
+
+
 def train_step(run, step):
     """One optimizer step on batch `step`; returns the loss (on the device, no host sync)."""
     cfg, B = run.cfg, run.cfg.batch_size
@@ -254,16 +278,15 @@ def train_step(run, step):
         dropped = torch.rand(B, device=run.device) < cfg.label_dropout
         labels = run.labels[idx].masked_fill(dropped, -1)
     for group in run.optimizer.param_groups:
-        group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))  # linear warm-up
+        group["lr"] = learning_rate(cfg, step)
     with run.autocast:
-        loss = sgm.dsm_loss(
-            run.net, run.ckpt.sde, x, likelihood_weighting=cfg.likelihood_weighting, labels=labels
-        )
+        loss = sgm.dsm_loss(run.net, run.ckpt.sde, x, likelihood_weighting=cfg.likelihood_weighting,
+                            labels=labels, noise_sampling=cfg.noise_sampling)  # fmt: skip
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(run.ckpt.net.parameters(), cfg.grad_clip)
     run.optimizer.step()
-    run.ema.update(run.ckpt.net)
+    run.ema.update(run.ckpt.net, ema_decay(cfg, step))
     return loss
 
 
@@ -315,6 +338,64 @@ def log_interval(run, step, loss_sum, count, seconds, log):
     return loss, rate
 
 
+def use_bf16(device, cfg):
+    """bf16 autocast (fp32 master weights) on CUDA and on CPUs with native bf16 (AVX-512 BF16 or
+    AMX); elsewhere fp32, since emulated bf16 is about 10x slower than fp32."""
+    if not cfg.amp:
+        return False
+    if device.startswith("cuda"):
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def parse_minutes(text):
+    """--snapshot-minutes "5,10" -> [5.0, 10.0], sorted; a clear error for anything else."""
+    if text is None:
+        return []
+    try:
+        values = sorted(float(v) for v in text.split(","))
+    except ValueError:
+        raise click.ClickException(
+            f"--snapshot-minutes {text!r}: give minutes separated by commas, e.g. 5,10"
+        ) from None
+    for value in values:
+        sgm.check_number("--snapshot-minutes", value, 0, 1e6, low_open=True)
+    return values
+
+
+def fit_steps(run, step, done, elapsed, log):
+    """--minutes, after `step`, the `done`-th of this process: set the run's steps (stored in
+    its config, so --resume keeps them) to what the speed fits in the budget, 2% kept in reserve.
+    Fitted after 4 x CALIBRATION steps, then once more at a quarter of the budget with the speed
+    measured over more steps. Returns whether the steps changed."""
+    if done == CALIBRATION:
+        run.calibration = (done, elapsed)
+    first, second = done == 4 * CALIBRATION, run.fits == 1 and elapsed > 15 * run.minutes
+    if not (first or second):
+        return False
+    seconds_per_step = (elapsed - run.calibration[1]) / (done - run.calibration[0])
+    run.cfg.steps = step + max(1, int(0.98 * (60 * run.minutes - elapsed) / seconds_per_step))
+    run.fits += 1
+    run.progress.update(run.task, total=run.cfg.steps)
+    log.print(
+        f"{run.minutes:g} minutes at {seconds_per_step * 1e3:.0f} ms/step: {run.cfg.steps} steps",
+        highlight=False,
+    )
+    return True
+
+
+def save_snapshot(run, step, minutes):
+    """The EMA weights after `step`, at `minutes` of training: <out>/snapshot_<M>min.pt."""
+    net = copy.deepcopy(run.ckpt.net).eval()
+    run.ema.copy_to(net)
+    snapshot = dataclasses.replace(run.ckpt, net=net, step=step, is_ema=True, resume=None)
+    snapshot.extra = {**run.ckpt.extra, "train_seconds": 60 * minutes}
+    sgm.save_checkpoint(os.path.join(run.out, f"snapshot_{minutes:g}min.pt"), snapshot)
+
+
 # ------------------------------------------------------------------------------------------------
 # The command
 
@@ -336,15 +417,43 @@ def log_interval(run, step, loss_sum, count, seconds, log):
     type=click.FloatRange(0, 1e6, min_open=True),
     help="Minutes of training (sampling excluded), then save and stop.",
 )
+@click.option(
+    "--minutes",
+    type=click.FloatRange(0, 1e6, min_open=True),
+    help="A training budget: the steps (and so the LR schedule) are fitted to it from the speed "
+    "of the first steps; training stops at the budget in any case.",
+)
+@click.option(
+    "--snapshot-minutes",
+    help="Comma-separated minutes of training at which to export the EMA weights "
+    "(snapshot_<M>min.pt), e.g. 5,10.",
+)
 @click.option("--batch-size", type=click.IntRange(1), help="Per process [preset].")
 @click.option("--lr", type=click.FloatRange(0, 1e3, min_open=True), help="Adam's [preset].")
 @click.option("--warmup", type=click.IntRange(0), help="Linear warm-up steps [preset].")
+@click.option("--lr-schedule", type=click.Choice(sgm.LR_SCHEDULES), help="After warm-up [preset].")
 @click.option("--grad-clip", type=click.FloatRange(0, 1e6, min_open=True), help="[1.0]")
-@click.option("--ema-decay", type=click.FloatRange(0, 1), help="[preset]")
+@click.option("--ema-decay", type=click.FloatRange(0, 1), help="The largest decay [preset].")
+@click.option(
+    "--ema-ramp",
+    type=click.FloatRange(0, 1),
+    help="EMA half-life at most this fraction of the steps so far; 0: fixed decay [preset].",
+)
 @click.option("--channels", type=click.IntRange(4), help="U-Net base width [preset].")
 @click.option("--conditional", is_flag=True, help="Train with labels (for guidance).")
 @click.option("--label-dropout", type=click.FloatRange(0, 1), help="With --conditional [0.1].")
 @click.option("--likelihood-weighting", is_flag=True, help="lambda(t) = g(t)^2, not std(t)^2.")
+@click.option(
+    "--noise-sampling",
+    type=click.Choice(sgm.NOISE_SAMPLINGS),
+    help="How t is drawn: uniform, lognormal (EDM, with its weighting) or importance "
+    "(log-uniform noise level; with --likelihood-weighting its weight is constant) [preset].",
+)
+@click.option(
+    "--sigma-max",
+    type=click.FloatRange(0, 1e6, min_open=True),
+    help="VE only: the largest noise level [50].",
+)
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder [runs/<sde>].")
 @click.option("--resume", is_flag=True, help="Continue <out>/ckpt.pt with its stored config.")
 @click.option("--overwrite", is_flag=True, help="Replace the run in --out (else it is refused).")
@@ -359,21 +468,26 @@ def log_interval(run, step, loss_sum, count, seconds, log):
 )
 @click.option("--limit-data", type=click.IntRange(1), help="Use the first N training images.")
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the network.")
-@click.option("--amp/--no-amp", default=True, help="bf16 autocast on CUDA [on].")
+@click.option(
+    "--amp/--no-amp", default=True, help="bf16 autocast on CUDA and CPUs with native bf16 [on]."
+)
 @click.option("--log-every", type=click.IntRange(1), help="[50]")
 @click.option("--sample-every", type=click.IntRange(1), help="[preset]")
 @click.option("--ckpt-every", type=click.IntRange(1), help="[preset]")
 @click.pass_context
 def main(ctx, **flags):
     """Train a score-based generative model (Song et al. 2021) on FashionMNIST."""
-    if flags["epochs"] is not None and flags["steps"] is not None:
-        raise click.ClickException("give --steps or --epochs, not both")
-    for name in ("time_limit", "epochs"):  # click's ranges let NaN through
+    if sum(flags[name] is not None for name in ("steps", "epochs", "minutes")) > 1:
+        raise click.ClickException("give one of --steps, --epochs and --minutes")
+    for name in ("time_limit", "epochs", "minutes", "sigma_max"):  # click lets NaN through
         if flags[name] is not None:
             sgm.check_number(f"--{name.replace('_', '-')}", flags[name], 0, 1e6, low_open=True)
+    if flags["minutes"] and flags["resume"]:
+        raise click.ClickException("--minutes fits a new run's steps; --resume continues to them")
+    snapshots = parse_minutes(flags["snapshot_minutes"])
     device, world, rank = setup_processes(flags["device"])
-    if flags["time_limit"] and world > 1:
-        raise click.ClickException("--time-limit works with one process only")
+    if (flags["time_limit"] or flags["minutes"] or snapshots) and world > 1:
+        raise click.ClickException("--time-limit, --minutes and snapshots need one process")
     out = flags["out"] or os.path.join("runs", flags["sde"])
     ckpt_path = os.path.join(out, "ckpt.pt")
     if flags["resume"] and flags["overwrite"]:
@@ -404,7 +518,7 @@ def main(ctx, **flags):
         raise click.ClickException(f"{ckpt_path}: damaged resume state ({reason})") from None
 
     # Speed set-up: autocast, compile and DDP in three lines.
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda") and cfg.amp)
+    autocast = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=use_bf16(device, cfg))
     net = torch.compile(ckpt.net) if flags["use_compile"] else ckpt.net
     net = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
     run = Run(
@@ -420,7 +534,10 @@ def main(ctx, **flags):
         world=world,
         rank=rank,
         out=out,
-        time_limit=flags["time_limit"],
+        time_limit=flags["time_limit"] or flags["minutes"],
+        minutes=flags["minutes"],
+        snapshots=snapshots,
+        seconds_before=ckpt.extra.get("train_seconds", 0.0),
     )
     if rank == 0:
         start_run_folder(out, stored.step if stored else None)
@@ -457,8 +574,12 @@ def check_weights(run, step):
 
 def announce(run, log):
     n_params = sum(p.numel() for p in run.ckpt.net.parameters()) / 1e6
+    bf16 = use_bf16(run.device, run.cfg)
+    precision = "bf16 autocast" if bf16 else "fp32"
+    if run.cfg.amp and not bf16:
+        precision += " (this CPU has no native bf16)"
     log.print(
-        f"[bold]sgm[/] {type(run.ckpt.sde).__name__} on {run.device} x{run.world}, "
+        f"[bold]sgm[/] {type(run.ckpt.sde).__name__} on {run.device} x{run.world} in {precision}, "
         f"{n_params:.2f} M parameters, batch {run.cfg.batch_size}x{run.world}, steps "
         f"{run.ckpt.step} -> {run.cfg.steps}, {len(run.images)} images in {run.ckpt.data_range}, "
         f"out {run.out}"
@@ -480,10 +601,15 @@ def train(run):
         with run.progress:
             run.task = run.progress.add_task("train", total=cfg.steps, completed=start, status="")
             end = cfg.steps  # earlier with --time-limit; the config keeps the planned steps
+            snapshots = [m for m in run.snapshots if 60 * m > run.seconds_before]
             while step < end:
                 loss_sum += train_step(run, step).detach().float()
                 count, step = count + 1, step + 1
                 elapsed = time.time() - t_start - sampling
+                if run.minutes and fit_steps(run, step, step - start, elapsed, log):
+                    end = cfg.steps
+                while snapshots and run.seconds_before + elapsed >= 60 * snapshots[0]:
+                    save_snapshot(run, step, snapshots.pop(0))
                 if run.time_limit and elapsed > 60 * run.time_limit and step < end:
                     end = step  # out of time: this step is the last, saved below
                     run.progress.update(run.task, total=step)
@@ -496,6 +622,7 @@ def train(run):
                 count = 0
                 if step % cfg.ckpt_every == 0 or last:
                     check_weights(run, step)
+                    run.ckpt.extra["train_seconds"] = run.seconds_before + elapsed
                     save(run, step)
                 if run.stop:
                     break

@@ -2,7 +2,8 @@
 # Regenerates every table and figure in the README (about 3 hours on 2 CPU cores).
 # First train the three reference models, side by side (62 minutes on 2 cores):
 #   for s in ve vp subvp; do OMP_NUM_THREADS=1 python train.py --preset quick --conditional --sde $s \
-#       --steps 6000 --ema-decay 0.999 --out runs/$s > runs/$s.out 2>&1 & done; wait
+#       --steps 6000 --ema-decay 0.999 --channels 16 --batch-size 64 --lr-schedule constant \
+#       --ema-ramp 0 --out runs/$s > runs/$s.out 2>&1 & done; wait
 # Then:  bash assets/make_figures.sh [SDE]      (SDE: the model to ship as checkpoints/fmnist.pt; default subvp)
 set -euo pipefail
 cd "$(dirname "$0")/.."
