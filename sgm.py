@@ -1180,7 +1180,7 @@ class TrainConfig:
 
 PRESETS = {  # train.py --preset: what each changes from TrainConfig's defaults
     "default": {},  # 6.19 M parameters, for a GPU
-    "quick": dict(  # 0.37 M parameters, for a laptop CPU: ~17 minutes on 2 cores (README)
+    "quick": dict(  # 0.37 M parameters, for a laptop CPU: 16 minutes on 2 cores (README)
         channels=12, channel_mult=(1, 2, 4), num_res_blocks=1, dropout=0.0, batch_size=32,
         steps=5000, lr=2e-3, warmup=100, lr_schedule="cosine", ema_decay=0.9995, ema_ramp=0.15,
         sample_every=1000, ckpt_every=500,

@@ -652,6 +652,8 @@ def test_train_minutes_fits_the_steps_and_snapshots_feed_the_runs_table(tmp_path
     (["--minutes", "nan"], "--minutes must be"),
     (["--snapshot-minutes", "5,x"], "minutes separated by commas"),
     (["--snapshot-minutes", "0"], "--snapshot-minutes must be"),
+    (["--minutes", "1", "--snapshot-minutes", "0.5,2"], "--snapshot-minutes 2 is past the run's 1 minutes"),
+    (["--minutes", "1", "--time-limit", "0.5"], "already a time limit"),
     (["--sigma-max", "22"], "not with the vp SDE"),
     (["--sde", "ve", "--sigma-max", "nan"], "--sigma-max must be"),
     (["--noise-sampling", "lognormal", "--likelihood-weighting"], "own weighting"),

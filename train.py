@@ -2,7 +2,7 @@
 Train a score-based model on FashionMNIST.
 
     python train.py --device cuda                   # the default model, on a GPU
-    python train.py --preset quick                  # a small model for a laptop CPU, ~20 minutes
+    python train.py --preset quick                  # a small model for a laptop CPU, ~16 minutes
     python train.py --resume --out runs/vp          # continue a run exactly where it stopped
     torchrun --nproc_per_node 2 train.py ...        # data-parallel on GPUs (or CPU processes)
 
@@ -17,6 +17,7 @@ import glob
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -104,16 +105,26 @@ def check_run_folder(out, resume, overwrite):
     if os.path.isfile(out):
         raise click.ClickException(f"--out {out} is a file, not a folder")
     data.check_writable(ckpt_path)
-    snapshots = glob.glob(os.path.join(out, "snapshot_*min.pt"))
-    if (os.path.exists(ckpt_path) or snapshots) and not resume and not overwrite:
+    if snapshot_files(out) and not os.path.exists(ckpt_path) and not overwrite:
+        raise click.ClickException(
+            f"{out} holds snapshots of a run: use --out for a new run, or --overwrite to replace "
+            "them"
+        )
+    if os.path.exists(ckpt_path) and not resume and not overwrite:
         try:
             held = f"a run at step {sgm.load_checkpoint(ckpt_path).step}"
         except sgm.CheckpointError:
-            held = "a checkpoint" if os.path.exists(ckpt_path) else "snapshots of a run"
+            held = "a checkpoint"
         raise click.ClickException(
             f"{out} holds {held}: use --resume to continue it, --out for a new run, or "
             "--overwrite to replace it"
         )
+
+
+def snapshot_files(out):
+    """The snapshot_<M>min.pt files train.py wrote in `out` (names with a number only)."""
+    paths = glob.glob(os.path.join(out, "snapshot_*min.pt"))
+    return [p for p in paths if re.fullmatch(r"snapshot_[0-9.e+]+min\.pt", os.path.basename(p))]
 
 
 def start_run_folder(out, resume_step=None):
@@ -126,7 +137,7 @@ def start_run_folder(out, resume_step=None):
         os.remove(tmp)
     log_path = os.path.join(out, "log.jsonl")
     if resume_step is None:
-        earlier = [*glob.glob(f"{out}/samples_*.png"), *glob.glob(f"{out}/snapshot_*min.pt")]
+        earlier = [*glob.glob(f"{out}/samples_*.png"), *snapshot_files(out)]
         for path in [os.path.join(out, "ckpt.pt"), log_path, *earlier]:
             if os.path.exists(path):
                 os.remove(path)
@@ -356,7 +367,7 @@ def parse_minutes(text):
     if text is None:
         return []
     try:
-        values = sorted(float(v) for v in text.split(","))
+        values = sorted({float(v) for v in text.split(",")})
     except ValueError:
         raise click.ClickException(
             f"--snapshot-minutes {text!r}: give minutes separated by commas, e.g. 5,10"
@@ -374,9 +385,13 @@ def fit_steps(run, step, done, elapsed, log):
     if done == CALIBRATION:
         run.calibration = (done, elapsed)
     first, second = done == 4 * CALIBRATION, run.fits == 1 and elapsed > 15 * run.minutes
-    if not (first or second):
+    early_stop = run.stop and not run.fits  # Ctrl-C before the first fit: --resume needs steps
+    if not (first or second or early_stop):
         return False
-    seconds_per_step = (elapsed - run.calibration[1]) / (done - run.calibration[0])
+    if run.calibration and done > run.calibration[0]:
+        seconds_per_step = (elapsed - run.calibration[1]) / (done - run.calibration[0])
+    else:
+        seconds_per_step = elapsed / done
     run.cfg.steps = step + max(1, int(0.98 * (60 * run.minutes - elapsed) / seconds_per_step))
     run.fits += 1
     run.progress.update(run.task, total=run.cfg.steps)
@@ -484,7 +499,14 @@ def main(ctx, **flags):
             sgm.check_number(f"--{name.replace('_', '-')}", flags[name], 0, 1e6, low_open=True)
     if flags["minutes"] and flags["resume"]:
         raise click.ClickException("--minutes fits a new run's steps; --resume continues to them")
+    if flags["minutes"] and flags["time_limit"]:
+        raise click.ClickException("--minutes is already a time limit: give one of the two")
     snapshots = parse_minutes(flags["snapshot_minutes"])
+    budget = flags["minutes"] or flags["time_limit"]
+    if budget and snapshots and snapshots[-1] > budget:
+        raise click.ClickException(
+            f"--snapshot-minutes {snapshots[-1]:g} is past the run's {budget:g} minutes"
+        )
     device, world, rank = setup_processes(flags["device"])
     if (flags["time_limit"] or flags["minutes"] or snapshots) and world > 1:
         raise click.ClickException("--time-limit, --minutes and snapshots need one process")
@@ -613,6 +635,8 @@ def train(run):
                 if run.time_limit and elapsed > 60 * run.time_limit and step < end:
                     end = step  # out of time: this step is the last, saved below
                     run.progress.update(run.task, total=step)
+                    if run.minutes:  # the budget is spent: the run is complete
+                        cfg.steps = step
                 last = step == end or run.stop
                 if step % cfg.log_every and step % cfg.ckpt_every and not last:
                     continue

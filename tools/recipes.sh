@@ -7,7 +7,7 @@
 #
 # RECIPES is "name:flags|name:flags|..." (an even number of them: they run in pairs, so each pair
 # shares the machine equally). The default list is the README's table: F is today's quick preset.
-# Needs 2 cores; with MINUTES=20 it takes an hour of training and about 45 minutes of scoring.
+# Needs 2 cores; with MINUTES=20 it takes 80 minutes of training and about 45 of scoring.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MINUTES=${1:-20}
@@ -21,6 +21,8 @@ DEFAULT_RECIPES+="|C_lognormal:$OLD $NEW --noise-sampling lognormal"
 DEFAULT_RECIPES+="|D_lognormal_ch12:$OLD $NEW --noise-sampling lognormal --channels 12"
 DEFAULT_RECIPES+="|E_ch12:$OLD $NEW --channels 12"
 DEFAULT_RECIPES+="|F_ch12_b32:$OLD $NEW --channels 12 --batch-size 32"
+DEFAULT_RECIPES+="|G_ch12_b32_const:--channels 12 --batch-size 32 --lr-schedule constant --ema-ramp 0 --ema-decay 0.995"
+DEFAULT_RECIPES+="|F2_preset:--channels 12 --batch-size 32 $NEW"
 : "${RECIPES:=$DEFAULT_RECIPES}"
 export PYTHONUNBUFFERED=1
 IFS='|' read -ra ARMS <<< "$RECIPES"
