@@ -587,12 +587,7 @@ def runs_command(folders, n, seeds, out, snapshots, labels, device, data_dir):
     and final checkpoint of each run folder, with the same noise for all, beside the run's
     recipe, training throughput and images seen. With several seeds, an FD per seed."""
     device = data.resolve_device(device)
-    try:
-        seeds = [int(s) for s in seeds.split(",")]
-    except ValueError:
-        raise click.ClickException(
-            f"--seeds {seeds!r}: whole numbers separated by commas"
-        ) from None
+    seeds = parse_list(seeds, "--seeds", int, "whole numbers")
     data.check_writable(out + ".md")
     runs = [(folder, *run_points(folder)) for folder in folders]  # every folder checked first
     scorer = Scorer(data_dir, device)
@@ -888,14 +883,17 @@ def guidance_command(ckpt_path, weights, n, solver, steps, out, seed, device, da
     console.print(header + table)
 
 
+def parse_list(text, flag, kind=float, what="numbers"):
+    """'0,1,3' -> [0.0, 1.0, 3.0] (or ints with kind=int); one clear line for anything else."""
+    try:
+        return [kind(v) for v in text.split(",")]
+    except ValueError:
+        raise click.ClickException(f"{flag} {text!r}: give {what} separated by commas") from None
+
+
 def parse_weights(text):
     """'0,1,3' -> [0.0, 1.0, 3.0], each a finite guidance weight."""
-    try:
-        ws = [float(w) for w in text.split(",")]
-    except ValueError:
-        raise click.ClickException(
-            f"--weights {text!r}: give numbers separated by commas"
-        ) from None
+    ws = parse_list(text, "--weights")
     for w in ws:
         sgm.check_number("a guidance weight", w, 0, 1e3)
     return ws
