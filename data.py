@@ -3,7 +3,8 @@ FashionMNIST in and images out, for train.py, sample.py and evaluate.py.
 
 Loading (torchvision, with an offline fallback to the original .gz files), scaling between uint8
 pixels and the model's data range (with dequantization) in one place, class names, the devices,
-the default checkpoint, and writing PNG grids, .npz arrays and GIFs atomically.
+the default checkpoint, the scripts' comma-separated lists, and writing files atomically (PNG
+grids, .npz arrays, GIFs, tables and, for checkpoint.py, checkpoints).
 """
 
 import glob
@@ -58,7 +59,7 @@ def load_fashion_mnist(root=DATA_DIR, train=True):
                     path = os.path.join(source, name + ".gz")
                     try:
                         with gzip.open(path, "rb") as f:
-                            sgm.atomic_write(os.path.join(raw, name), lambda tmp: copy_to(f, tmp))
+                            atomic_write(os.path.join(raw, name), lambda tmp: copy_to(f, tmp))
                     except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # not write errors
                         raise DataError(
                             f"{path} cannot be decompressed ({e}): replace it"
@@ -80,6 +81,22 @@ def load_fashion_mnist(root=DATA_DIR, train=True):
             f"package: apt-get install -y dataset-fashion-mnist"
         ) from None
     return dataset.data[:, None].contiguous(), dataset.targets.long()
+
+
+def atomic_write(path, write):
+    """write(tmp_path), then rename over `path`: a file is replaced only by a complete one, and a
+    crash never leaves half a file. For checkpoints, images, arrays and tables alike."""
+    folder, suffix = os.path.dirname(os.path.abspath(path)), os.path.splitext(path)[1]
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=suffix + ".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def copy_to(f, path):
@@ -124,6 +141,14 @@ def check_writable(path):
         raise sgm.SGMError(f"{path}: cannot write there ({e.strerror})") from None
 
 
+def parse_list(text, flag, kind=float, what="numbers"):
+    """'0,1,3' -> [0.0, 1.0, 3.0] (or ints with kind=int); one clear line for anything else."""
+    try:
+        return [kind(v) for v in text.split(",")]
+    except ValueError:
+        raise sgm.SGMError(f"{flag} {text!r}: give {what} separated by commas") from None
+
+
 def default_checkpoint():
     """The shipped checkpoints/fmnist.pt, else the newest runs/*/ckpt.pt."""
     if os.path.isfile(SHIPPED):
@@ -148,7 +173,7 @@ def grid_image(images, nrow=8):
 def save_png(x, data_range, path, nrow=8):
     """Samples x (B, C, H, W) in data_range as a PNG grid."""
     image = grid_image(to_uint8(x, data_range), nrow)
-    sgm.atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def save_npz(x, data_range, path, labels=None):
@@ -165,7 +190,7 @@ def save_npz(x, data_range, path, labels=None):
         with open(tmp, "wb") as f:  # a file object: given a path, numpy would append ".npz"
             np.savez_compressed(f, **arrays)
 
-    sgm.atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def save_gif(frames, path, nrow):
@@ -186,7 +211,7 @@ def save_gif(frames, path, nrow):
             tmp, format="GIF", save_all=True, append_images=images[1:], duration=80, loop=0
         )
 
-    sgm.atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def save_text(text, path):
@@ -196,4 +221,4 @@ def save_text(text, path):
         with open(tmp, "w") as f:
             f.write(text)
 
-    sgm.atomic_write(path, write)
+    atomic_write(path, write)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import Progress
 
+import checkpoint
 import data
 import sgm
 
@@ -308,7 +309,7 @@ def fd_command(ckpt_path, arm, steps, n, rtol, atol, seed, labels, device, data_
     solver, options = parse_arm(arm)
     steps = steps or sgm.SOLVERS[solver].steps
     sgm.check_options(dict(rtol=rtol, atol=atol), flags=True)
-    ckpt = sgm.load_checkpoint(ckpt_path, device)  # before the slow part: a bad path fails at once
+    ckpt = checkpoint.load(ckpt_path, device)  # before the slow part: a bad path fails at once
     scorer = Scorer(data_dir, device)
     with Progress(console=console) as progress:
         images, nfe, seconds = generate(
@@ -346,7 +347,7 @@ def bpd_command(ckpt_path, n, batch_size, rtol, atol, seed, device, data_dir):
     device, ckpt_path = data.resolve_device(device), ckpt_path or data.default_checkpoint()
     sgm.check_number("--rtol", rtol, 1e-12, 1)
     sgm.check_number("--atol", atol, 1e-12, 1)
-    ckpt = sgm.load_checkpoint(ckpt_path, device)
+    ckpt = checkpoint.load(ckpt_path, device)
     images, _ = data.load_fashion_mnist(data_dir, train=False)
     images = images[:n] if n else images
     generator = torch.Generator(device).manual_seed(seed)
@@ -443,7 +444,7 @@ def plot_sweep(rows, floor, path, title):
         draw.text((W - right + 8, top + 16 * k), arm, fill=color)
     draw.text((left, 12), title + "; both axes log scale", fill="black")
     draw.text((left + (W - left - right) // 2 - 60, H - 22), "NFE per sample", fill="black")
-    sgm.atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    data.atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def parse_sweep_arm(text):
@@ -496,7 +497,7 @@ def sweep_command(ckpt_path, n, solvers, max_steps, out, seed, labels, device, d
         raise click.ClickException("--solvers names no solver")
     data.check_writable(out + ".md")
     data.check_writable(out + ".png")
-    ckpt = sgm.load_checkpoint(ckpt_path, device)
+    ckpt = checkpoint.load(ckpt_path, device)
     scorer = Scorer(data_dir, device)
     floor, rows = scorer.floor(n, seed), []
     header = (
@@ -528,7 +529,9 @@ RECIPE_SKIP = ("preset", "steps", "seed", "log_every", "sample_every", "ckpt_eve
 
 def recipe(cfg):
     """A run's recipe in words: its preset and what differs from it (steps aside)."""
-    preset = sgm.TrainConfig(**{**sgm.PRESETS.get(cfg.preset, {}), "preset": cfg.preset})
+    preset = checkpoint.TrainConfig(
+        **{**checkpoint.PRESETS.get(cfg.preset, {}), "preset": cfg.preset}
+    )
     changed = [
         f"{f.name}={getattr(cfg, f.name)}".replace(" ", "")
         for f in dataclasses.fields(cfg)
@@ -547,7 +550,7 @@ def run_points(folder):
     for path in glob.glob(os.path.join(folder, "snapshot_*min.pt")):
         with contextlib.suppress(ValueError):
             points.append((float(os.path.basename(path)[9:-6]), path))
-    final = sgm.load_checkpoint(ckpt_path)
+    final = checkpoint.load(ckpt_path)
     points = [*sorted(points), (final.extra.get("train_seconds", math.nan) / 60, ckpt_path)]
     rates = []
     with contextlib.suppress(OSError), open(os.path.join(folder, "log.jsonl")) as f:
@@ -587,7 +590,7 @@ def runs_command(folders, n, seeds, out, snapshots, labels, device, data_dir):
     and final checkpoint of each run folder, with the same noise for all, beside the run's
     recipe, training throughput and images seen. With several seeds, an FD per seed."""
     device = data.resolve_device(device)
-    seeds = parse_list(seeds, "--seeds", int, "whole numbers")
+    seeds = data.parse_list(seeds, "--seeds", int, "whole numbers")
     data.check_writable(out + ".md")
     runs = [(folder, *run_points(folder)) for folder in folders]  # every folder checked first
     scorer = Scorer(data_dir, device)
@@ -602,7 +605,7 @@ def runs_command(folders, n, seeds, out, snapshots, labels, device, data_dir):
     with Progress(console=console) as progress:
         for folder, points, rate in runs:
             for minutes, path in points if snapshots else points[-1:]:
-                ckpt = sgm.load_checkpoint(path, device)
+                ckpt = checkpoint.load(path, device)
                 fds = []
                 for seed in seeds:
                     images = generate(ckpt, "heun", HEUN_STEPS, n, device, seed=seed,
@@ -668,7 +671,7 @@ def compare_command(ckpt_paths, solvers, nfe, n, out, seed, labels, device, data
             )
     if out:
         data.check_writable(out)
-    ckpts = [(path, sgm.load_checkpoint(path, device)) for path in ckpt_paths]  # all, first
+    ckpts = [(path, checkpoint.load(path, device)) for path in ckpt_paths]  # all, first
     # pc spends two evaluations per step (one corrector step and the predictor), ald one
     steps = {
         s: nfe // (2 if s == "pc" else 1) if s in sgm.INPAINTING_SOLVERS else sgm.SOLVERS[s].steps
@@ -746,13 +749,13 @@ def export_command(ckpt_path, out, overwrite, half, n, seed, device, data_dir):
     if os.path.exists(out) and not overwrite:
         raise click.ClickException(f"--out {out} exists; give --overwrite to replace it")
     data.check_writable(out)
-    exported = sgm.load_checkpoint(ckpt_path, "cpu")  # the EMA weights, where the file has them
+    exported = checkpoint.load(ckpt_path, "cpu")  # the EMA weights, where the file has them
     kind = "EMA weights" if exported.is_ema else "weights (the file has no EMA)"
     exported.is_ema = True  # stored as the EMA weights, alone
     exported.extra = {**exported.extra, "exported_from": ckpt_path, "half": half}
     if half:
-        exported.net.half()  # floats to fp16; load_checkpoint casts them back to fp32
-    sgm.save_checkpoint(out, exported)
+        exported.net.half()  # floats to fp16; checkpoint.load casts them back to fp32
+    checkpoint.save(out, exported)
     console.print(
         f"wrote {out}: {os.path.getsize(out) / 1e6:.2f} MB, {kind} of {ckpt_path} at step "
         f"{exported.step}{' in fp16' if half else ''}"
@@ -760,9 +763,9 @@ def export_command(ckpt_path, out, overwrite, half, n, seed, device, data_dir):
     if n:
         scorer = Scorer(data_dir, device)
         fds = [
-            scorer.fd(
-                generate(sgm.load_checkpoint(path, device), "heun", 18, n, device, seed=seed)[0]
-            )[0]
+            scorer.fd(generate(checkpoint.load(path, device), "heun", 18, n, device, seed=seed)[0])[
+                0
+            ]
             for path in (ckpt_path, out)
         ]
         console.print(
@@ -828,11 +831,11 @@ class TutorialScoreNet(nn.Module):
 def guidance_command(ckpt_path, weights, n, solver, steps, out, seed, device, data_dir):
     """Class accuracy (by the evaluation classifier) and per-class FD of guided samples, per w."""
     device, ckpt_path = data.resolve_device(device), ckpt_path or data.default_checkpoint()
-    ckpt = sgm.load_checkpoint(ckpt_path, device)
+    ckpt = checkpoint.load(ckpt_path, device)
     config = ckpt.model_config
     if not config.num_classes:
         raise click.ClickException(
-            f"{ckpt_path}: an unconditional checkpoint; train one with train.py --conditional"
+            f"{ckpt_path}: an unconditional checkpoint; train one without --no-conditional"
         )
     ws = parse_weights(weights)
     if out:
@@ -883,17 +886,9 @@ def guidance_command(ckpt_path, weights, n, solver, steps, out, seed, device, da
     console.print(header + table)
 
 
-def parse_list(text, flag, kind=float, what="numbers"):
-    """'0,1,3' -> [0.0, 1.0, 3.0] (or ints with kind=int); one clear line for anything else."""
-    try:
-        return [kind(v) for v in text.split(",")]
-    except ValueError:
-        raise click.ClickException(f"{flag} {text!r}: give {what} separated by commas") from None
-
-
 def parse_weights(text):
     """'0,1,3' -> [0.0, 1.0, 3.0], each a finite guidance weight."""
-    ws = parse_list(text, "--weights")
+    ws = data.parse_list(text, "--weights")
     for w in ws:
         sgm.check_number("a guidance weight", w, 0, 1e3)
     return ws
@@ -915,7 +910,7 @@ def parse_weights(text):
 def speed_command(batch_size, channels, model, iters, device):
     """Training and sampling throughput (img/s) of a freshly initialised model on this device."""
     device = data.resolve_device(device)
-    cfg = sgm.TrainConfig(**sgm.PRESETS["quick" if model == "quick" else "default"])
+    cfg = checkpoint.TrainConfig(**checkpoint.PRESETS["quick" if model == "quick" else "default"])
     if model == "tutorial":
         net = TutorialScoreNet()
     else:
@@ -925,6 +920,7 @@ def speed_command(batch_size, channels, model, iters, device):
                 channel_mult=cfg.channel_mult,
                 num_res_blocks=cfg.num_res_blocks,
                 dropout=cfg.dropout,
+                num_classes=10 if cfg.conditional else 0,
             )
         )
     net = net.to(device).to(memory_format=torch.channels_last)
@@ -1011,7 +1007,7 @@ def train_classifier_command(epochs, out, seed, device, data_dir):
         )
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     weights = {k: v.cpu() for k, v in net.state_dict().items()}
-    sgm.atomic_write(out, lambda tmp: torch.save(weights, tmp))
+    data.atomic_write(out, lambda tmp: torch.save(weights, tmp))
     console.print(
         f"test accuracy {accuracy:.4f}; wrote {out}, sha256 {sha256(out)} "
         "(set CLASSIFIER_SHA256 to it)"

@@ -26,6 +26,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+import checkpoint
 import data
 import sgm
 
@@ -375,7 +376,7 @@ def main(**flags):
     suffix = check_output(opts.out)
     opts.device = data.resolve_device(opts.device)
     opts.ckpt_path = opts.ckpt_path or data.default_checkpoint()
-    ckpt = sgm.load_checkpoint(opts.ckpt_path, opts.device, use_ema=opts.ema)
+    ckpt = checkpoint.load(opts.ckpt_path, opts.device, use_ema=opts.ema)
     opts.n = opts.n or {"sample": 64, "inpaint": 8, "interpolate": 10}[opts.mode]
     opts.steps = opts.steps or sgm.SOLVERS[opts.solver].steps
     if opts.mode == "interpolate" and opts.label not in (None, "none"):

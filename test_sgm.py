@@ -14,6 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import checkpoint
 import sgm
 
 SDES = [sgm.VESDE(), sgm.VPSDE(), sgm.SubVPSDE()]
@@ -214,22 +215,22 @@ def test_lognormal_noise_sampling_follows_edm_and_is_minimised_by_the_exact_scor
 
 def test_learning_rate_schedule_and_ema_ramp():
     from train import ema_decay, learning_rate
-    cfg = sgm.TrainConfig(lr=1e-3, warmup=10, steps=110, lr_schedule="cosine")
+    cfg = checkpoint.TrainConfig(lr=1e-3, warmup=10, steps=110, lr_schedule="cosine")
     assert learning_rate(cfg, 0) == pytest.approx(1e-4, rel=1e-2)  # warm-up, and the cosine has barely begun
     assert learning_rate(cfg, 55) == pytest.approx(5e-4) and learning_rate(cfg, 110) == pytest.approx(0, abs=1e-12)
-    assert [learning_rate(sgm.TrainConfig(lr=1e-3, warmup=10), s) for s in (0, 9, 500)] == pytest.approx([1e-4, 1e-3, 1e-3])
-    ramp = sgm.TrainConfig(ema_decay=0.999, ema_ramp=0.1)
+    assert [learning_rate(checkpoint.TrainConfig(lr=1e-3, warmup=10), s) for s in (0, 9, 500)] == pytest.approx([1e-4, 1e-3, 1e-3])
+    ramp = checkpoint.TrainConfig(ema_decay=0.999, ema_ramp=0.1)
     assert ema_decay(ramp, 0) == pytest.approx(0.5 ** 10)  # half-life 0.1 steps: the first weights are forgotten
     assert ema_decay(ramp, 99) == pytest.approx(0.5 ** 0.1)  # half-life 10 steps after 100
-    assert ema_decay(ramp, 10**6) == 0.999 and ema_decay(sgm.TrainConfig(ema_decay=0.99), 0) == 0.99
+    assert ema_decay(ramp, 10**6) == 0.999 and ema_decay(checkpoint.TrainConfig(ema_decay=0.99), 0) == 0.99
     for bad, message in [(dict(noise_sampling="x"), "noise_sampling must be"), (dict(lr_schedule="step"), "lr_schedule must be"),
                          (dict(ema_ramp=2.0), "ema_ramp must be"), (dict(sigma_max=22.0), "not with the vp SDE"),
                          (dict(sde="ve", sigma_max=0.001), "sigma_max must be"),
                          (dict(noise_sampling="lognormal", likelihood_weighting=True), "own weighting")]:
         with pytest.raises(sgm.SGMError, match=message):
-            sgm.TrainConfig(**bad)
-    ve = sgm.TrainConfig(sde="ve", sigma_max=22.0).make_sde()
-    assert isinstance(ve, sgm.VESDE) and ve.sigma_max == 22.0 and sgm.TrainConfig(sde="ve").make_sde().sigma_max == 50.0
+            checkpoint.TrainConfig(**bad)
+    ve = checkpoint.TrainConfig(sde="ve", sigma_max=22.0).make_sde()
+    assert isinstance(ve, sgm.VESDE) and ve.sigma_max == 22.0 and checkpoint.TrainConfig(sde="ve").make_sde().sigma_max == 50.0
 
 
 def test_small_unet_overfits_one_batch():
@@ -266,7 +267,7 @@ def test_small_unet_overfits_one_batch():
 
 def test_ema_moves_towards_the_weights():
     net = torch.nn.Linear(2, 2)
-    ema = sgm.EMA(net, decay=0.9)
+    ema = checkpoint.EMA(net, decay=0.9)
     before = ema.shadow["weight"].clone()
     with torch.no_grad():
         net.weight.add_(1.0)
@@ -277,22 +278,22 @@ def test_ema_moves_towards_the_weights():
 def test_checkpoint_round_trip_and_errors(tmp_path):
     config = tiny_config(num_classes=10)
     net = randomize(sgm.UNet(config)).eval()
-    ema, opt = sgm.EMA(net), torch.optim.Adam(net.parameters())
+    ema, opt = checkpoint.EMA(net), torch.optim.Adam(net.parameters())
     path = tmp_path / "ck.pt"
     sde = sgm.VESDE(sigma_max=30.0)
-    train_config = sgm.TrainConfig(sde="ve", channels=8, channel_mult=(1, 2), lr=3e-4)
+    train_config = checkpoint.TrainConfig(sde="ve", channels=8, channel_mult=(1, 2), lr=3e-4)
     with torch.no_grad():
         ema.shadow["conv_in.bias"] += 1.0  # EMA weights that differ from the raw ones
-    ckpt = sgm.Checkpoint(net, sde, (0.0, 1.0), config, train_config, step=7, extra={"note": 1})
-    sgm.save_checkpoint(path, ckpt, ema=ema, optimizer=opt, rng={"cpu": torch.get_rng_state()})
-    ck = sgm.load_checkpoint(str(path))
-    assert isinstance(ck, sgm.Checkpoint)
+    ckpt = checkpoint.Checkpoint(net, sde, (0.0, 1.0), config, train_config, step=7, extra={"note": 1})
+    checkpoint.save(path, ckpt, ema=ema, optimizer=opt, rng={"cpu": torch.get_rng_state()})
+    ck = checkpoint.load(str(path))
+    assert isinstance(ck, checkpoint.Checkpoint)
     assert ck.sde == sde and ck.step == 7 and ck.data_range == (0.0, 1.0) and ck.model_config == config
     assert ck.train_config == train_config and ck.extra["note"] == 1
     assert ck.is_ema and not ck.net.training and not any(p.requires_grad for p in ck.net.parameters())
     assert torch.equal(ck.net.conv_in.bias, ema.shadow["conv_in.bias"])
     assert set(ck.resume) == {"model", "ema", "optimizer", "rng"}
-    raw = sgm.load_checkpoint(str(path), use_ema=False)
+    raw = checkpoint.load(str(path), use_ema=False)
     x, t = torch.randn(2, 1, 28, 28), torch.rand(2)
     assert not raw.is_ema and torch.equal(raw.net(x, t), net(x, t))
     labels = torch.tensor([3, -1])
@@ -307,8 +308,8 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
     for name, words in [("trunc.pt", "not a readable"), ("random.pt", "not a readable"), ("foreign.pt", "not an sgm checkpoint"),
                         ("missing.pt", "no such")]:
-        with pytest.raises(sgm.CheckpointError, match=words) as e:
-            sgm.load_checkpoint(str(tmp_path / name))
+        with pytest.raises(checkpoint.CheckpointError, match=words) as e:
+            checkpoint.load(str(tmp_path / name))
         assert name in str(e.value)
 
 
@@ -580,10 +581,10 @@ def read_log(folder):
 def test_train_cli_writes_checkpoint_grid_and_log(tmp_path):
     out = tmp_path / "run"
     r = run_cli("train.py", *TRAIN_TINY, "--steps", "24", "--log-every", "8", "--sample-every", "24", "--ckpt-every", "8",
-                "--out", str(out), "--conditional")
+                "--out", str(out))  # the quick preset is conditional
     assert r.returncode == 0, r.stderr
     assert "img/s" in r.stderr and "done" in r.stderr
-    ck = sgm.load_checkpoint(str(out / "ckpt.pt"))
+    ck = checkpoint.load(str(out / "ckpt.pt"))
     assert ck.step == 24 and ck.model_config.num_classes == 10 and ck.train_config.sde == "vp"
     assert ck.train_config.preset == "quick" and ck.train_config.channels == 8 and ck.train_config.conditional
     assert len(ck.extra["class_counts"]) == 10 and sum(ck.extra["class_counts"]) == 256  # --limit-data 256
@@ -598,7 +599,7 @@ def test_train_resume_restores_the_config_and_refuses_contradictions(tmp_path):
     args = [*TRAIN_TINY, "--steps", "2", "--log-every", "1", "--sample-every", "1000", "--out", str(out), "--sde", "subvp",
             "--lr", "1e-3", "--conditional", "--label-dropout", "0.3", "--grad-clip", "0.5", "--seed", "4"]
     assert CliRunner().invoke(train.main, args).exit_code == 0
-    stored = sgm.load_checkpoint(str(out / "ckpt.pt")).train_config
+    stored = checkpoint.load(str(out / "ckpt.pt")).train_config
     assert (stored.sde, stored.lr, stored.conditional, stored.label_dropout, stored.grad_clip, stored.seed,
             stored.limit_data, stored.channels, stored.batch_size) == ("subvp", 1e-3, True, 0.3, 0.5, 4, 256, 8, 16)
     resume = ["--device", "cpu", "--out", str(out), "--resume"]
@@ -606,12 +607,13 @@ def test_train_resume_restores_the_config_and_refuses_contradictions(tmp_path):
                         ("--label-dropout", "0.1"), ("--grad-clip", "1.0"), ("--preset", "default"), ("--batch-size", "8")]:
         r = CliRunner().invoke(train.main, [*resume, flag, value])
         assert r.exit_code == 1 and f"{flag} {value}" in r.output and "contradicts" in r.output, (flag, r.output)
-    r = CliRunner().invoke(train.main, [*resume, "--no-amp"])
-    assert r.exit_code == 1 and "--no-amp contradicts" in r.output, r.output
+    for flag in ("--no-amp", "--no-conditional"):
+        r = CliRunner().invoke(train.main, [*resume, flag])
+        assert r.exit_code == 1 and f"{flag} contradicts" in r.output, r.output
     # The same values, and the options that may change, are accepted; the rest comes from the file.
     r = CliRunner().invoke(train.main, [*resume, "--steps", "4", "--lr", "1e-3", "--log-every", "2", "--sde", "subvp"])
     assert r.exit_code == 0, r.output
-    resumed = sgm.load_checkpoint(str(out / "ckpt.pt"))
+    resumed = checkpoint.load(str(out / "ckpt.pt"))
     assert resumed.step == 4 and resumed.train_config == dataclasses.replace(stored, steps=4, log_every=2)
 
 
@@ -619,18 +621,19 @@ def test_train_minutes_fits_the_steps_and_snapshots_feed_the_runs_table(tmp_path
     out = tmp_path / "run"
     r = run_cli("train.py", *TRAIN_TINY, "--minutes", "0.15", "--snapshot-minutes", "0.05,0.02", "--lr-schedule", "cosine",
                 "--ema-ramp", "0.1", "--noise-sampling", "lognormal", "--sample-every", "100000", "--ckpt-every", "7",
-                "--out", str(out))
+                "--no-conditional", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "0.15 minutes at" in r.stderr and ("in fp32" in r.stderr or "in bf16" in r.stderr)
-    ck = sgm.load_checkpoint(str(out / "ckpt.pt"), use_ema=False)
+    ck = checkpoint.load(str(out / "ckpt.pt"), use_ema=False)
     cfg = ck.train_config
     # The steps were fitted to the budget (a loaded machine may cut the run a little short) and stored for --resume.
     assert cfg.steps != 2500 and 0.5 * cfg.steps <= ck.step <= cfg.steps and 7 < ck.extra["train_seconds"] < 11
-    assert (cfg.lr_schedule, cfg.ema_ramp, cfg.noise_sampling) == ("cosine", 0.1, "lognormal")
+    assert (cfg.lr_schedule, cfg.ema_ramp, cfg.noise_sampling, cfg.conditional) == ("cosine", 0.1, "lognormal", False)
+    assert ck.model_config.num_classes == 0
     import train
     assert read_log(out)[-1]["lr"] == pytest.approx(train.learning_rate(cfg, ck.step - 1))  # the cosine over the fitted steps
     for minutes in ("0.02", "0.05"):
-        snap = sgm.load_checkpoint(str(out / f"snapshot_{minutes}min.pt"))
+        snap = checkpoint.load(str(out / f"snapshot_{minutes}min.pt"))
         assert snap.is_ema and snap.resume is None and 0 < snap.step < ck.step
     r = run_cli("train.py", *TRAIN_TINY, "--steps", "2", "--out", str(out))  # the snapshots are part of the run
     assert r.returncode == 1 and "--overwrite" in r.stderr and (out / "snapshot_0.02min.pt").exists()
@@ -639,7 +642,7 @@ def test_train_minutes_fits_the_steps_and_snapshots_feed_the_runs_table(tmp_path
     table = (tmp_path / "table.md").read_text()
     import evaluate
     recipe = evaluate.recipe(cfg)  # the preset, then what differs from it
-    assert recipe.startswith("quick ") and "noise_sampling=lognormal" in recipe and "channels=8" in recipe and "steps" not in recipe
+    assert recipe.startswith("quick ") and "noise_sampling=lognormal" in recipe and "conditional=False" in recipe and "steps" not in recipe
     assert table.count(f"| {out} | {recipe} |") == 3, table
     assert "| 0.02 |" in table and "| 0.05 |" in table and "floor" in table
     assert table.count(" / ") >= 3  # an FD per seed
@@ -693,7 +696,7 @@ def test_train_refuses_to_replace_a_run(tmp_path):
     assert (out / "ckpt.pt").read_bytes() == before and len(read_log(out)) == 2  # the old run survives
     r = CliRunner().invoke(train.main, [*args, "--steps", "1", "--overwrite"])
     assert r.exit_code == 0, r.output
-    assert sgm.load_checkpoint(str(out / "ckpt.pt")).step == 1 and [row["step"] for row in read_log(out)] == [1]
+    assert checkpoint.load(str(out / "ckpt.pt")).step == 1 and [row["step"] for row in read_log(out)] == [1]
     assert not list(out.glob("*.tmp"))  # cleaned up when a run starts
     with open(out / "log.jsonl", "a") as f:
         f.write('{"step": 7, "lo')  # a row cut short by a kill
@@ -740,7 +743,7 @@ def test_train_resume_after_sigint_sigterm_and_sigkill_is_exact(tmp_path, monkey
         monkeypatch.setattr(train, "train_step", step_then_signal)
         r = CliRunner().invoke(train.main, [*common, "--out", str(out)])
         assert r.exit_code == 128 + sig and "Continue with --resume" in r.output, r.output
-        assert sgm.load_checkpoint(str(out / "ckpt.pt")).step == 5
+        assert checkpoint.load(str(out / "ckpt.pt")).step == 5
         monkeypatch.setattr(train, "train_step", real_step)
         assert CliRunner().invoke(train.main, ["--device", "cpu", "--out", str(out), "--resume"]).exit_code == 0
         log = read_log(out)
@@ -785,7 +788,7 @@ def test_train_refuses_to_save_exploded_weights(tmp_path):
     r = CliRunner().invoke(train.main, args)
     assert r.exit_code == 1 and "weights diverged" in r.output and "Traceback" not in r.output, r.output
     if (out / "ckpt.pt").exists():  # an earlier, still sane checkpoint may stay; a broken one never
-        net = sgm.load_checkpoint(str(out / "ckpt.pt"), use_ema=False).net
+        net = checkpoint.load(str(out / "ckpt.pt"), use_ema=False).net
         assert max(float(p.abs().max()) for p in net.parameters()) < 1e3
 
 
@@ -812,7 +815,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
                         "train.py", *TRAIN_TINY, "--steps", "4", "--log-every", "2", "--sample-every", "1000", "--out", str(out)],
                        cwd=HERE, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "x2" in r.stderr and sgm.load_checkpoint(str(out / "ckpt.pt")).step == 4
+    assert "x2" in r.stderr and checkpoint.load(str(out / "ckpt.pt")).step == 4
     assert len(read_log(out)) == 2  # only rank 0 writes
 
 
@@ -825,8 +828,8 @@ def tiny_ckpt(tmp_path_factory):
     for name, size, sde in (("tiny.pt", 28, sgm.VPSDE()), ("small_images.pt", 8, sgm.VPSDE()), ("subvp.pt", 28, sgm.SubVPSDE())):
         config = tiny_config(num_classes=10, image_size=size)
         net = randomize(sgm.UNet(config))
-        ckpt = sgm.Checkpoint(net, sde, sde.data_range, config, sgm.TrainConfig(sde=sde.name))
-        sgm.save_checkpoint(folder / name, ckpt, ema=sgm.EMA(net))
+        ckpt = checkpoint.Checkpoint(net, sde, sde.data_range, config, checkpoint.TrainConfig(sde=sde.name))
+        checkpoint.save(folder / name, ckpt, ema=checkpoint.EMA(net))
     return folder
 
 
@@ -912,7 +915,7 @@ def test_sample_cli_inpaint_interpolate_and_label_all(tiny_ckpt, tmp_path):
 
 def test_prior_labels_follow_the_training_classes(tiny_ckpt, tmp_path):
     """Unconditional sampling of a conditional model: labels in the stored class proportions, w = 0, by default."""
-    ckpt = sgm.load_checkpoint(tiny_ckpt / "tiny.pt")
+    ckpt = checkpoint.load(tiny_ckpt / "tiny.pt")
     assert torch.equal(torch.bincount(ckpt.prior_labels(1000), minlength=10), torch.full((10,), 100))  # no counts: equal
     ckpt.extra["class_counts"] = [0, 600, 0, 0, 300, 0, 0, 0, 0, 100]
     labels = ckpt.prior_labels(50, seed=3)
@@ -940,7 +943,7 @@ def test_shipped_checkpoint_loads_and_samples_by_default(tmp_path):
     state = torch.load(data.SHIPPED, map_location="cpu", weights_only=True)
     assert state["model"] is None and state["optimizer"] is None and state["rng"] is None
     assert {v.dtype for v in state["ema"].values() if v.is_floating_point()} == {torch.float16}
-    ckpt = sgm.load_checkpoint(data.SHIPPED, "cpu")
+    ckpt = checkpoint.load(data.SHIPPED, "cpu")
     assert ckpt.model_config.num_classes == 10 and next(ckpt.net.parameters()).dtype == torch.float32
     assert ckpt.is_ema and ckpt.resume is None and ckpt.train_config.conditional
     r = CliRunner().invoke(sample.main, ["--solver", "heun", "--steps", 3, "--n", 3, "--label", "bag", "--device", "cpu",
@@ -1164,13 +1167,13 @@ def test_damaged_checkpoints_get_one_line(tiny_ckpt, tmp_path):
              "bad_sde.pt": dict(sde={"name": "ve", "sigma_min": 0.01, "sigma_max": -5.0})}
     for name, change in cases.items():
         torch.save({**good, **change}, tmp_path / name)
-        with pytest.raises(sgm.CheckpointError, match="damaged sgm checkpoint") as e:
-            sgm.load_checkpoint(str(tmp_path / name))
+        with pytest.raises(checkpoint.CheckpointError, match="damaged sgm checkpoint") as e:
+            checkpoint.load(str(tmp_path / name))
         assert name in str(e.value)
         r = run_sample("--ckpt", tmp_path / name, "--out", tmp_path / "x.png")
         assert r.exit_code == 1 and "damaged" in r.output and "Traceback" not in r.output
-    with pytest.raises(sgm.CheckpointError, match="sigma_max must be"):
-        sgm.load_checkpoint(str(tmp_path / "bad_sde.pt"))
+    with pytest.raises(checkpoint.CheckpointError, match="sigma_max must be"):
+        checkpoint.load(str(tmp_path / "bad_sde.pt"))
 
 
 def test_io_failures_keep_files_and_give_one_line(tiny_ckpt, tmp_path, monkeypatch):

@@ -8,7 +8,8 @@ Train a score-based model on FashionMNIST.
 
 A run folder holds ckpt.pt (atomic; also written on Ctrl-C and SIGTERM), log.jsonl (a line per log
 interval) and samples_<step>.png (EMA weights, Heun, 35 NFE). The run's whole configuration
-(sgm.TrainConfig: the preset, then the flags) is stored in the checkpoint; --resume restores it.
+(checkpoint.TrainConfig: the preset, then the flags) is stored in the checkpoint; --resume
+restores it.
 """
 
 import copy
@@ -29,6 +30,7 @@ from click.core import ParameterSource
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+import checkpoint
 import data
 import sgm
 
@@ -73,7 +75,7 @@ def setup_processes(device):
 def build_config(ctx, flags, stored=None):
     """The run's TrainConfig: the preset, then the flags given. On --resume, the stored config; a
     flag that contradicts it is refused, except those in RESUMABLE."""
-    names = {f.name for f in dataclasses.fields(sgm.TrainConfig)}
+    names = {f.name for f in dataclasses.fields(checkpoint.TrainConfig)}
     given = {
         name: value
         for name, value in flags.items()
@@ -81,7 +83,7 @@ def build_config(ctx, flags, stored=None):
     }
     if stored is None:
         preset = flags["preset"]
-        return sgm.TrainConfig(**{**sgm.PRESETS[preset], "preset": preset, **given})
+        return checkpoint.TrainConfig(**{**checkpoint.PRESETS[preset], "preset": preset, **given})
     for name, value in given.items():
         if name not in RESUMABLE and value != getattr(stored, name):
             flag = name.replace("_", "-")
@@ -112,8 +114,8 @@ def check_run_folder(out, resume, overwrite):
         )
     if os.path.exists(ckpt_path) and not resume and not overwrite:
         try:
-            held = f"a run at step {sgm.load_checkpoint(ckpt_path).step}"
-        except sgm.CheckpointError:
+            held = f"a run at step {checkpoint.load(ckpt_path).step}"
+        except checkpoint.CheckpointError:
             held = "a checkpoint"
         raise click.ClickException(
             f"{out} holds {held}: use --resume to continue it, --out for a new run, or "
@@ -179,7 +181,7 @@ def new_checkpoint(cfg, images, labels, device):
     )
     sde = cfg.make_sde()
     net = sgm.UNet(model_config).to(device)
-    ckpt = sgm.Checkpoint(net, sde, sde.data_range, model_config, cfg)
+    ckpt = checkpoint.Checkpoint(net, sde, sde.data_range, model_config, cfg)
     if cfg.conditional:
         ckpt.extra["class_counts"] = torch.bincount(labels, minlength=10).tolist()
     return ckpt
@@ -188,7 +190,7 @@ def new_checkpoint(cfg, images, labels, device):
 def training_state(ckpt, cfg, device, rank):
     """EMA and optimizer for ckpt.net, restored from ckpt.resume when resuming."""
     net = ckpt.net.to(memory_format=torch.channels_last).train().requires_grad_(True)
-    ema = sgm.EMA(net, cfg.ema_decay)
+    ema = checkpoint.EMA(net, cfg.ema_decay)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     if ckpt.resume is not None:
         ema.load_state_dict(ckpt.resume["ema"])
@@ -211,10 +213,10 @@ def training_state(ckpt, cfg, device, rank):
 class Run:
     """What the training loop works on."""
 
-    cfg: sgm.TrainConfig
-    ckpt: sgm.Checkpoint  # ckpt.net is the network being trained, with its raw weights
+    cfg: checkpoint.TrainConfig
+    ckpt: checkpoint.Checkpoint  # ckpt.net is the network being trained, with its raw weights
     net: torch.nn.Module  # ckpt.net, compiled and/or wrapped for data parallelism
-    ema: sgm.EMA
+    ema: checkpoint.EMA
     optimizer: torch.optim.Optimizer
     autocast: torch.autocast
     images: torch.Tensor  # (N, C, H, W) uint8, on the device
@@ -308,7 +310,7 @@ def save(run, step):
         if run.device.startswith("cuda"):
             rng["cuda"] = torch.cuda.get_rng_state()
         run.ckpt.step = step
-        sgm.save_checkpoint(run.ckpt_path, run.ckpt, ema=run.ema, optimizer=run.optimizer, rng=rng)
+        checkpoint.save(run.ckpt_path, run.ckpt, ema=run.ema, optimizer=run.optimizer, rng=rng)
 
 
 @torch.no_grad()
@@ -366,12 +368,7 @@ def parse_minutes(text):
     """--snapshot-minutes "5,10" -> [5.0, 10.0], sorted; a clear error for anything else."""
     if text is None:
         return []
-    try:
-        values = sorted({float(v) for v in text.split(",")})
-    except ValueError:
-        raise click.ClickException(
-            f"--snapshot-minutes {text!r}: give minutes separated by commas, e.g. 5,10"
-        ) from None
+    values = sorted(set(data.parse_list(text, "--snapshot-minutes", what="minutes")))
     for value in values:
         sgm.check_number("--snapshot-minutes", value, 0, 1e6, low_open=True)
     return values
@@ -408,7 +405,7 @@ def save_snapshot(run, step, minutes):
     run.ema.copy_to(net)
     snapshot = dataclasses.replace(run.ckpt, net=net, step=step, is_ema=True, resume=None)
     snapshot.extra = {**run.ckpt.extra, "train_seconds": 60 * minutes}
-    sgm.save_checkpoint(os.path.join(run.out, f"snapshot_{minutes:g}min.pt"), snapshot)
+    checkpoint.save(os.path.join(run.out, f"snapshot_{minutes:g}min.pt"), snapshot)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -418,7 +415,7 @@ def save_snapshot(run, step, minutes):
 @click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--preset",
-    type=click.Choice(list(sgm.PRESETS)),
+    type=click.Choice(list(checkpoint.PRESETS)),
     default="default",
     show_default=True,
     help="Model size and schedule; the options below override it.",
@@ -446,7 +443,9 @@ def save_snapshot(run, step, minutes):
 @click.option("--batch-size", type=click.IntRange(1), help="Per process [preset].")
 @click.option("--lr", type=click.FloatRange(0, 1e3, min_open=True), help="Adam's [preset].")
 @click.option("--warmup", type=click.IntRange(0), help="Linear warm-up steps [preset].")
-@click.option("--lr-schedule", type=click.Choice(sgm.LR_SCHEDULES), help="After warm-up [preset].")
+@click.option(
+    "--lr-schedule", type=click.Choice(checkpoint.LR_SCHEDULES), help="After warm-up [preset]."
+)
 @click.option("--grad-clip", type=click.FloatRange(0, 1e6, min_open=True), help="[1.0]")
 @click.option("--ema-decay", type=click.FloatRange(0, 1), help="The largest decay [preset].")
 @click.option(
@@ -455,7 +454,11 @@ def save_snapshot(run, step, minutes):
     help="EMA half-life at most this fraction of the steps so far; 0: fixed decay [preset].",
 )
 @click.option("--channels", type=click.IntRange(4), help="U-Net base width [preset].")
-@click.option("--conditional", is_flag=True, help="Train with labels (for guidance).")
+@click.option(
+    "--conditional/--no-conditional",
+    default=None,
+    help="Train with labels, dropped at --label-dropout for guidance [on in both presets].",
+)
 @click.option("--label-dropout", type=click.FloatRange(0, 1), help="With --conditional [0.1].")
 @click.option("--likelihood-weighting", is_flag=True, help="lambda(t) = g(t)^2, not std(t)^2.")
 @click.option(
@@ -516,7 +519,7 @@ def main(ctx, **flags):
         raise click.ClickException("--resume continues the run in --out; --overwrite replaces it")
     stored = None
     if flags["resume"]:
-        stored = sgm.load_checkpoint(ckpt_path, device, use_ema=False)
+        stored = checkpoint.load(ckpt_path, device, use_ema=False)
         if stored.resume is None:
             raise click.ClickException(f"{ckpt_path} has no optimizer state: it cannot be resumed")
     cfg = build_config(ctx, flags, stored.train_config if stored else None)
@@ -536,7 +539,7 @@ def main(ctx, **flags):
     try:
         ema, optimizer = training_state(ckpt, cfg, device, rank)
     except (KeyError, TypeError, AttributeError, RuntimeError, ValueError) as e:
-        reason = sgm.first_line(e)
+        reason = checkpoint.first_line(e)
         raise click.ClickException(f"{ckpt_path}: damaged resume state ({reason})") from None
 
     # Speed set-up: autocast, compile and DDP in three lines.
