@@ -94,12 +94,7 @@ class TrainConfig:
         sgm.check_number("grad_clip", self.grad_clip, 0, 1e6, low_open=True)
         sgm.check_number("label_dropout", self.label_dropout, 0, 1)
         sgm.check_number("ema_ramp", self.ema_ramp, 0, 1)
-        if self.noise_sampling not in sgm.NOISE_SAMPLINGS:
-            raise sgm.SGMError(f"noise_sampling must be one of {', '.join(sgm.NOISE_SAMPLINGS)}")
-        if self.noise_sampling == "lognormal" and self.likelihood_weighting:
-            raise sgm.SGMError(
-                "lognormal noise sampling has its own weighting: not with likelihood"
-            )
+        sgm.check_noise_sampling(self.noise_sampling, self.likelihood_weighting)
         if self.lr_schedule not in LR_SCHEDULES:
             raise sgm.SGMError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}")
         if self.sigma_max is not None:

@@ -430,6 +430,14 @@ NOISE_SAMPLINGS = ("uniform", "lognormal", "importance")
 P_MEAN, P_STD = -1.2, 1.2  # EDM's log-normal distribution of training noise levels
 
 
+def check_noise_sampling(noise_sampling, likelihood_weighting):
+    """Refuse an unknown noise sampling, or lognormal (which has its own weight) with likelihood."""
+    if noise_sampling not in NOISE_SAMPLINGS:
+        raise SGMError(f"noise_sampling must be one of {', '.join(NOISE_SAMPLINGS)}")
+    if noise_sampling == "lognormal" and likelihood_weighting:
+        raise SGMError("lognormal noise sampling has its own weighting: not with likelihood")
+
+
 def training_times(sde, batch, noise_sampling, eps, device):
     """t (B,) for the loss and the density ratio q(t) = p_uniform(t) / p(t) that keeps the loss
     an unbiased estimate of eq. 7's uniform-t objective (1 for "uniform"). "importance" draws
@@ -462,10 +470,7 @@ def dsm_loss(net, sde, x, eps=1e-5, likelihood_weighting=False, labels=None,
     sampling of t its weight is a constant. "lognormal" is EDM's recipe instead: sigma from
     a log-normal and weight (sigma^2 + SIGMA_DATA^2) / SIGMA_DATA^2, which gives the network's
     target (see predict_noise) unit variance at every noise level."""
-    if noise_sampling not in NOISE_SAMPLINGS:
-        raise SGMError(f"noise_sampling must be one of {', '.join(NOISE_SAMPLINGS)}")
-    if noise_sampling == "lognormal" and likelihood_weighting:
-        raise SGMError("lognormal noise sampling has its own weighting: not with likelihood")
+    check_noise_sampling(noise_sampling, likelihood_weighting)
     t, ratio = training_times(sde, x.shape[0], noise_sampling, eps, x.device)  # (B,), (B,)
     z = torch.randn_like(x)
     mean, std = sde.marginal_prob(x, t)

@@ -313,12 +313,18 @@ def save(run, step):
         checkpoint.save(run.ckpt_path, run.ckpt, ema=run.ema, optimizer=run.optimizer, rng=rng)
 
 
+def ema_checkpoint(run, **changes):
+    """The run's checkpoint, with `changes`, around a copy of its net that holds the EMA weights;
+    the training net is untouched."""
+    net = copy.deepcopy(run.ckpt.net).eval()  # a copy, not a new UNet: that would draw weights
+    run.ema.copy_to(net)
+    return dataclasses.replace(run.ckpt, net=net, **changes)
+
+
 @torch.no_grad()
 def sample_grid(run, step, n=64):
     """A grid from the EMA weights, with generators of its own: the training RNG stays untouched."""
-    net = copy.deepcopy(run.ckpt.net).eval()  # a copy, not a new UNet: that would draw weights
-    run.ema.copy_to(net)
-    sampler = dataclasses.replace(run.ckpt, net=net)
+    sampler = ema_checkpoint(run)
     labels = torch.arange(n, device=run.device) % 10 if run.cfg.conditional else None
     shape = (n, *run.images.shape[1:])
     generator = torch.Generator(run.device).manual_seed(0)
@@ -401,9 +407,7 @@ def fit_steps(run, step, done, elapsed, log):
 
 def save_snapshot(run, step, minutes):
     """The EMA weights after `step`, at `minutes` of training: <out>/snapshot_<M>min.pt."""
-    net = copy.deepcopy(run.ckpt.net).eval()
-    run.ema.copy_to(net)
-    snapshot = dataclasses.replace(run.ckpt, net=net, step=step, is_ema=True, resume=None)
+    snapshot = ema_checkpoint(run, step=step, is_ema=True, resume=None)
     snapshot.extra = {**run.ckpt.extra, "train_seconds": 60 * minutes}
     checkpoint.save(os.path.join(run.out, f"snapshot_{minutes:g}min.pt"), snapshot)
 
