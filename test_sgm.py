@@ -726,6 +726,7 @@ def test_train_resume_after_sigint_sigterm_and_sigkill_is_exact(tmp_path, monkey
     import signal
 
     import train
+    monkeypatch.setattr(train, "GRID_STEPS", 2)  # cheap grids (3 NFE), still written at every checkpoint
     common = [*TRAIN_TINY, "--steps", "9", "--log-every", "1", "--ckpt-every", "3", "--sample-every", "3", "--sde", "subvp",
               "--conditional", "--lr-schedule", "constant"]  # the kill below runs to --steps 500: the same lr needs no decay
     assert CliRunner().invoke(train.main, [*common, "--out", str(tmp_path / "full")]).exit_code == 0
@@ -751,7 +752,8 @@ def test_train_resume_after_sigint_sigterm_and_sigkill_is_exact(tmp_path, monkey
         assert [row["loss"] for row in log] == pytest.approx(full, rel=1e-5, abs=1e-7)
     # SIGKILL: nothing can be saved; the run continues from its last checkpoint and the log drops the rows after it.
     out = tmp_path / "killed"
-    longer = [*TRAIN_TINY, "--steps", "500", *common[len(TRAIN_TINY) + 2:]]  # killed long before its end
+    longer = [*TRAIN_TINY, "--steps", "500", *common[len(TRAIN_TINY) + 2:], "--sample-every", "1000"]  # no grids:
+    # the process is killed long before its end, and its resumed losses must match a run that made grids
     process = subprocess.Popen([sys.executable, "train.py", *longer, "--out", str(out)],
                                cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

@@ -1,25 +1,39 @@
 #!/usr/bin/env bash
-# Regenerates every table and figure in the README (about 3 hours on 2 CPU cores).
-# First train the three reference models, side by side (62 minutes on 2 cores):
+# Regenerates every table and figure in the README, in two parts.
+#
+#   bash assets/make_figures.sh sdes     # the SDE study (about 1 hour after its training)
+#   bash assets/make_figures.sh ship     # the shipped model and every figure from it (about 3 hours)
+#
+# The SDE study first trains the three SDEs side by side (62 minutes on 2 cores):
 #   for s in ve vp subvp; do OMP_NUM_THREADS=1 python train.py --preset quick --conditional --sde $s \
 #       --steps 6000 --ema-decay 0.999 --channels 16 --batch-size 64 --lr-schedule constant \
 #       --ema-ramp 0 --out runs/$s > runs/$s.out 2>&1 & done; wait
-# Then:  bash assets/make_figures.sh [SDE]      (SDE: the model to ship as checkpoints/fmnist.pt; default subvp)
+# The shipped model is the reference run (122 minutes on 2 cores, nothing else running):
+#   python train.py --preset quick --sde subvp --channels 16 --batch-size 64 --ema-decay 0.999 \
+#       --minutes 122 --snapshot-minutes 30,60,90 --out runs/ref > runs/ref.log 2>&1
+# `ship` replaces checkpoints/fmnist.pt with runs/ref's EMA weights (REF=folder for another run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BEST=${1:-subvp}
-RUNS="runs/ve/ckpt.pt runs/vp/ckpt.pt runs/subvp/ckpt.pt"
+PART=${1:?"which part: sdes or ship"}
+REF=${REF:-runs/ref}
+CK=checkpoints/fmnist.pt
 SWEEP="heun@5/10/18/50,dpmpp_2m@5/10/20,edm:s_churn=5:s_tmin=0.05:s_tmax=50@10/18"
 SWEEP="$SWEEP,edm:s_churn=20:s_tmin=0.05:s_tmax=50@18,dpmpp_2m_sde@10/20/35/50,dpmpp_2m_sde:eta=0.5@35"
 SWEEP="$SWEEP,pc@25/100,em@100,pc:snr=0.08@25,pc:snr=0.3@25"
 
-# The SDE x solver table and bits/dim of the three trained models
-python evaluate.py compare $RUNS --solvers heun,ode,em,pc --n 256 --out assets/compare.md
-for ck in $RUNS; do python evaluate.py bpd --ckpt $ck --n 200 --batch-size 100; done
+if [ "$PART" = sdes ]; then  # the SDE x solver table and bits/dim of the three models
+  RUNS="runs/ve/ckpt.pt runs/vp/ckpt.pt runs/subvp/ckpt.pt"
+  python evaluate.py compare $RUNS --solvers heun,ode,em,pc --n 256 --out assets/compare.md
+  for ck in $RUNS; do python evaluate.py bpd --ckpt $ck --n 200 --batch-size 100; done
+  exit 0
+fi
+[ "$PART" = ship ] || { echo "make_figures.sh: the part is sdes or ship, not '$PART'" >&2; exit 2; }
 
-# Ship the chosen model (EMA weights, fp16; prints the FD before and after), then every figure from it
-python evaluate.py export runs/$BEST/ckpt.pt --out checkpoints/fmnist.pt --overwrite --n 1000
-CK=checkpoints/fmnist.pt
+# FD against training time (snapshots, two seeds), then ship the EMA weights in fp16 (prints the FD
+# before and after), its bits/dim on the first 1000 test images
+python evaluate.py runs "$REF" --seeds 0,1 --out assets/ref_runs
+python evaluate.py export "$REF/ckpt.pt" --out $CK --overwrite --n 1000
+python evaluate.py bpd --ckpt $CK --n 1000 --batch-size 250
 # FD against NFE (1000 samples per point, labels from the class prior), FD's noise, and the dropped label
 python evaluate.py sweep --ckpt $CK --n 1000 --out assets/sweep --solvers "$SWEEP"
 for arm in heun@18 dpmpp_2m@10 dpmpp_2m_sde@10 dpmpp_2m_sde@20 dpmpp_2m_sde@35; do
@@ -33,4 +47,4 @@ python sample.py --ckpt $CK --solver pc --steps 500 --inpaint left --from-test 0
 python sample.py --ckpt $CK --solver pc --steps 500 --inpaint center --from-test 8 --n 8 --out assets/inpaint_center.png
 python sample.py --ckpt $CK --interpolate 0 1 --n 10 --out assets/interpolate.png
 python evaluate.py guidance --ckpt $CK --n 100 --out assets/guidance.md
-cp runs/$BEST/samples_0006000.png assets/train_grid.png
+cp "$(ls "$REF"/samples_*.png | tail -1)" assets/train_grid.png
