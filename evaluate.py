@@ -762,12 +762,12 @@ def export_command(ckpt_path, out, overwrite, half, n, seed, device, data_dir):
     )
     if n:
         scorer = Scorer(data_dir, device)
-        fds = [
-            scorer.fd(generate(checkpoint.load(path, device), "heun", 18, n, device, seed=seed)[0])[
-                0
-            ]
-            for path in (ckpt_path, out)
-        ]
+        fds = []
+        for path in (ckpt_path, out):  # the same noise for both
+            images = generate(
+                checkpoint.load(path, device), "heun", HEUN_STEPS, n, device, seed=seed
+            )[0]
+            fds.append(scorer.fd(images)[0])
         console.print(
             f"FD with heun, 35 NFE, {n} samples: {fds[0]:.2f} original, {fds[1]:.2f} exported "
             f"| {machine()}, {device}"
