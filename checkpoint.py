@@ -7,7 +7,8 @@ Training state: what a checkpoint holds and how it is written and read.
     Checkpoint      a trained model with its SDE, data range and configs; `score_fn` and
                     `prior_labels` for sampling
     save / load
-                    atomic writes; loads with torch.load(weights_only=True) and one-line errors
+                    atomic writes of weights that pass `weights_problem`; loads with
+                    torch.load(weights_only=True), everything loaded checked, one-line errors
 
 The paper's mathematics is in sgm.py; this is the bookkeeping around it, used by train.py,
 sample.py and evaluate.py.
@@ -54,6 +55,14 @@ class EMA:
 LR_SCHEDULES = ("constant", "cosine")
 
 
+INT_RANGES = (  # TrainConfig's whole numbers: (name, lowest, highest)
+    ("channels", 4, 1024), ("num_res_blocks", 1, 64), ("batch_size", 1, 2**20),
+    ("steps", 1, 10**10), ("warmup", 0, 10**10), ("seed", -(2**31), 2**31 - 1),
+    ("limit_data", 0, 10**9), ("log_every", 1, 10**10), ("sample_every", 1, 10**10),
+    ("ckpt_every", 1, 10**10),
+)  # fmt: skip
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; train.py stores it whole in the checkpoint, and
@@ -89,18 +98,34 @@ class TrainConfig:
     def __post_init__(self):
         if self.sde not in sgm.SDES:
             raise sgm.SGMError(f"unknown SDE {self.sde!r}; known: {', '.join(sgm.SDES)}")
-        sgm.check_number("lr", self.lr, 0, 1e3, low_open=True)
-        sgm.check_number("ema_decay", self.ema_decay, 0, 1)
-        sgm.check_number("grad_clip", self.grad_clip, 0, 1e6, low_open=True)
-        sgm.check_number("label_dropout", self.label_dropout, 0, 1)
-        sgm.check_number("ema_ramp", self.ema_ramp, 0, 1)
-        sgm.check_noise_sampling(self.noise_sampling, self.likelihood_weighting)
+        if self.preset not in PRESETS:
+            raise sgm.SGMError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
+        for name in ("conditional", "likelihood_weighting", "amp"):
+            if type(getattr(self, name)) is not bool:
+                raise sgm.SGMError(f"{name} must be true or false, not {getattr(self, name)!r}")
+        for name, low, high in INT_RANGES:
+            data.check_int(name, getattr(self, name), low, high)
+        if not 1 <= len(self.channel_mult) <= 8:
+            raise sgm.SGMError(f"channel_mult must have 1 to 8 levels, not {self.channel_mult}")
+        for mult in self.channel_mult:
+            data.check_int("a channel_mult level", mult, 1, 64)
+        data.check_number("dropout", self.dropout, 0, 0.99)
+        data.check_number("lr", self.lr, 0, 1e3, low_open=True)
+        data.check_number("ema_decay", self.ema_decay, 0, 1)
+        data.check_number("grad_clip", self.grad_clip, 0, 1e6, low_open=True)
+        data.check_number("label_dropout", self.label_dropout, 0, 1)
+        data.check_number("ema_ramp", self.ema_ramp, 0, 1)
+        if self.noise_sampling not in sgm.NOISE_SAMPLINGS:
+            raise sgm.SGMError(f"noise_sampling must be one of {', '.join(sgm.NOISE_SAMPLINGS)}")
+        if self.noise_sampling == "lognormal" and self.likelihood_weighting:
+            raise sgm.SGMError("lognormal noise sampling has its own weighting: not with "
+                               "likelihood weighting")  # fmt: skip
         if self.lr_schedule not in LR_SCHEDULES:
             raise sgm.SGMError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}")
         if self.sigma_max is not None:
             if self.sde != "ve":
                 raise sgm.SGMError(f"sigma_max is the VE SDE's: not with the {self.sde} SDE")
-            sgm.check_number("sigma_max", self.sigma_max, sgm.VESDE.sigma_min, 1e6, low_open=True)
+            data.check_number("sigma_max", self.sigma_max, sgm.VESDE.sigma_min, 1e6, low_open=True)
 
     def make_sde(self):
         return (
@@ -134,9 +159,36 @@ class CheckpointError(sgm.SGMError):
     pass
 
 
-def first_line(error, limit=100):
-    """An exception's message cut to one short line, for the one-line errors of a damaged file."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+class ResumeStateError(ValueError):
+    pass
+
+
+class DivergedError(sgm.SGMError):
+    """Weights that `save` refuses to write; `problem` says what is wrong with them."""
+
+    def __init__(self, message, problem):
+        super().__init__(message)
+        self.problem = problem
+
+
+WEIGHT_LIMIT = 1e3  # no trained weight comes near it; an lr far too high passes it in a step
+
+
+@torch.no_grad()
+def weights_problem(net, weights=None):
+    """What makes `weights` (a state dict for `net`; by default its own) unfit to save or use, or
+    None: a value that is not finite or not below WEIGHT_LIMIT in size, or non-finite output of
+    the network on a probe (zeros at t = 0.5; eval mode, so no random numbers are drawn)."""
+    weights = net.state_dict() if weights is None else weights
+    sizes = [float(w.abs().max()) for w in weights.values() if w.is_floating_point() and w.numel()]
+    largest = math.nan if any(map(math.isnan, sizes)) else max(sizes, default=0.0)
+    if not largest < WEIGHT_LIMIT:
+        return f"largest |w| = {largest:.3g}"
+    c, training, param = net.config, net.training, next(net.parameters())
+    x = torch.zeros(1, c.image_channels, c.image_size, c.image_size).to(param)
+    out = torch.func.functional_call(net.eval(), weights, (x, torch.full((1,), 0.5).to(param)))
+    net.train(training)
+    return None if torch.isfinite(out).all() else "a probe of the network gives non-finite values"
 
 
 @dataclass
@@ -175,28 +227,49 @@ class Checkpoint:
         return labels.to(device)
 
 
-def save(ckpt_path, ckpt, *, ema=None, optimizer=None, rng=None):
+def sde_from_config(config):
+    """The SDE stored in a checkpoint. Files written before the short names stored the class."""
+    config = dict(config)
+    name = config.pop("name")
+    classes = [cls for cls in sgm.SDES.values() if name in (cls.name, cls.__name__)]
+    if not classes:
+        raise CheckpointError(f"unknown SDE {name!r}; known: {', '.join(sgm.SDES)}")
+    return classes[0](**config)
+
+
+def save(ckpt_path, ckpt, *, ema=None, optimizer=None, rng=None, log=None, half=False):
     """Write `ckpt` atomically: its net's weights (as "ema" if ckpt.is_ema, else as "model"), and
-    for a resumable training checkpoint the EMA, optimizer and RNG states too."""
-    weights = ckpt.net.state_dict()
+    for a resumable training checkpoint the EMA, optimizer and RNG states and train.py's log
+    interval in progress too. Weights with a `weights_problem` are refused (DivergedError).
+    half: store float weights as fp16 (`load` casts them back)."""
+    weights, ema_weights = ckpt.net.state_dict(), ema.state_dict() if ema is not None else None
+    for checked in (weights, ema_weights):
+        problem = checked is not None and weights_problem(ckpt.net, checked)
+        if problem:
+            message = f"{ckpt_path}: not written, the weights diverged ({problem})"
+            raise DivergedError(message, problem)
+    if half:
+        weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
     state = {
         "format": FORMAT,
         "config": asdict(ckpt.model_config),
-        "sde": ckpt.sde.config(),
+        "sde": {"name": ckpt.sde.name, **asdict(ckpt.sde)},
         "data_range": tuple(ckpt.data_range),
         "model": None if ckpt.is_ema else weights,
-        "ema": weights if ckpt.is_ema else (ema.state_dict() if ema is not None else None),
+        "ema": weights if ckpt.is_ema else ema_weights,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "step": ckpt.step,
         "rng": rng,
+        "log": log,
         "extra": {**ckpt.extra, "train": asdict(ckpt.train_config)},
     }
-    data.atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
+    data.save_torch(state, ckpt_path)
 
 
 def load(ckpt_path, device="cpu", use_ema=True):
-    """Load with weights_only=True, so a malicious file cannot run code. Raises CheckpointError
-    naming the file and the problem."""
+    """Load with weights_only=True, so a malicious file cannot run code, and check everything in
+    it as strictly as train.py checks what is typed. Raises CheckpointError naming the file and
+    the problem."""
     if not os.path.isfile(ckpt_path):
         raise CheckpointError(f"{ckpt_path}: no such checkpoint file")
     try:
@@ -204,42 +277,135 @@ def load(ckpt_path, device="cpu", use_ema=True):
             warnings.simplefilter("ignore")
             state = torch.load(ckpt_path, map_location=device, weights_only=True)
     except Exception as e:
-        reason = first_line(e)
+        reason = data.first_line(e)
         if "Weights only load failed" in reason:
             reason = "it holds objects that weights_only=True refuses: a foreign or unsafe file"
         raise CheckpointError(f"{ckpt_path}: not a readable checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{ckpt_path}: not an sgm checkpoint (no '{FORMAT}' format tag)")
     try:
-        if not isinstance(state["step"], int) or state["step"] < 0:
-            raise ValueError(f"step {state['step']!r}")
-        low, high = (float(v) for v in state["data_range"])
-        if not (math.isfinite(low) and math.isfinite(high) and low < high):
-            raise ValueError(f"data_range {state['data_range']!r}")
-        stored = {**state["config"], "channel_mult": tuple(state["config"]["channel_mult"])}
-        model_config = sgm.ModelConfig(**stored)
-        net = sgm.UNet(model_config).to(device)
-        is_ema = state["ema"] is not None and (use_ema or state["model"] is None)
-        net.load_state_dict(state["ema"] if is_ema else state["model"])
-        # Files from older versions stored part of the training configuration: the rest follows
-        # from the network, or takes the defaults.
-        architecture = {
-            k: stored[k] for k in ("channels", "channel_mult", "num_res_blocks", "dropout")
-        }
-        train_config = TrainConfig.from_dict({**architecture, **state["extra"].get("train", {})})
-        resumable = state["optimizer"] is not None and state["model"] is not None
-        return Checkpoint(
-            net=net.eval().requires_grad_(False),
-            sde=sgm.sde_from_config(state["sde"]),
-            data_range=(low, high),
-            model_config=model_config,
-            train_config=train_config,
-            step=state["step"],
-            is_ema=is_ema,
-            extra=state["extra"],
-            resume={k: state[k] for k in ("model", "ema", "optimizer", "rng")}
-            if resumable
-            else None,
-        )
-    except (KeyError, TypeError, AttributeError, RuntimeError, ValueError, ZeroDivisionError) as e:
-        raise CheckpointError(f"{ckpt_path}: damaged sgm checkpoint ({first_line(e)})") from None
+        return from_state(state, device, use_ema)
+    except (KeyError, TypeError, AttributeError, RuntimeError, ValueError, IndexError,
+            AssertionError, OverflowError, ZeroDivisionError) as e:  # fmt: skip
+        what = "resume state" if isinstance(e, ResumeStateError) else "sgm checkpoint"
+        raise CheckpointError(f"{ckpt_path}: damaged {what} ({data.first_line(e)})") from None
+
+
+def from_state(state, device, use_ema):
+    """A Checkpoint from what `load` read; ValueError (and the like) for anything unfit."""
+    data.check_int("step", state["step"], 0, 10**12)
+    model_config = make_model_config(state["config"])
+    sde = make_sde(state["sde"])
+    if tuple(state["data_range"]) != sde.data_range:
+        raise ValueError(f"data_range {state['data_range']!r} is not the SDE's {sde.data_range}")
+    net = sgm.UNet(model_config).to(device)
+    is_ema = state["ema"] is not None and (use_ema or state["model"] is None)
+    chosen, other = (state["ema"], state["model"]) if is_ema else (state["model"], state["ema"])
+    if chosen is None:
+        raise ValueError("no weights")
+    for weights in (other, chosen):  # both checked; the chosen ones stay in the net
+        if weights is not None:
+            net.load_state_dict(weights)  # strict: every name and shape
+            problem = weights_problem(net)
+            if problem:
+                raise ValueError(f"the weights diverged: {problem}")
+    extra = state["extra"]
+    check_extra(extra, model_config.num_classes)
+    # Files from older versions stored part of the training configuration: the rest follows
+    # from the network, or takes the defaults.
+    names = ("channels", "channel_mult", "num_res_blocks", "dropout")
+    architecture = {k: getattr(model_config, k) for k in names}
+    train_config = TrainConfig.from_dict({**architecture, **extra.get("train", {})})
+    resume = None
+    if state["optimizer"] is not None and state["model"] is not None:
+        resume = {k: state.get(k) for k in ("model", "ema", "optimizer", "rng", "log")}
+        try:
+            check_optimizer(resume["optimizer"], net)
+            check_log(resume["log"])
+        except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
+            raise ResumeStateError(data.first_line(e)) from None
+    return Checkpoint(
+        net=net.eval().requires_grad_(False),
+        sde=sde,
+        data_range=sde.data_range,
+        model_config=model_config,
+        train_config=train_config,
+        step=state["step"],
+        is_ema=is_ema,
+        extra=extra,
+        resume=resume,
+    )
+
+
+MODEL_INTS = (("image_channels", 1, 64), ("image_size", 1, 4096), ("channels", 1, 1024),
+              ("num_res_blocks", 1, 64), ("num_classes", 0, 10**5))  # fmt: skip
+
+
+def make_model_config(stored):
+    """The network's configuration, checked (sgm.UNet trusts its caller)."""
+    config = sgm.ModelConfig(**{**stored, "channel_mult": tuple(stored["channel_mult"])})
+    for name, low, high in MODEL_INTS:
+        data.check_int(name, getattr(config, name), low, high)
+    levels = len(config.channel_mult)
+    for mult in config.channel_mult:
+        data.check_int("a channel_mult level", mult, 1, 64)
+    if not 1 <= levels <= 8 or config.image_size % 2 ** (levels - 1):
+        raise ValueError(f"image_size {config.image_size} does not halve {levels - 1} times")
+    data.check_number("dropout", config.dropout, 0, 0.99)
+    data.check_number("fourier_scale", config.fourier_scale, 0, 1e6, low_open=True)
+    if type(config.attention) is not bool:
+        raise ValueError(f"attention {config.attention!r}")
+    return config
+
+
+def make_sde(stored):
+    """The SDE, its numbers checked (sgm trusts its caller): finite, positive, ordered."""
+    numbers = {k: v for k, v in stored.items() if k != "name"}
+    for name, value in numbers.items():
+        data.check_number(name, value, 0, 1e6, low_open=True)
+    for low, high in (("sigma_min", "sigma_max"), ("beta_min", "beta_max")):
+        if low in numbers and high in numbers and not numbers[low] < numbers[high]:
+            raise ValueError(f"{high} must be above {low}, not {numbers[high]!r}")
+    return sde_from_config(stored)
+
+
+def check_extra(extra, num_classes):
+    """What the scripts read from `extra`: class counts (one per class, some positive) and the
+    training time."""
+    counts = extra.get("class_counts")
+    if counts is not None:
+        fits = isinstance(counts, (list, tuple)) and len(counts) == num_classes
+        if not (fits and all(type(c) is int and c >= 0 for c in counts) and sum(counts) > 0):
+            raise ValueError(f"class_counts {counts!r} are not {num_classes} counts, some positive")
+    data.check_number("train_seconds", extra.get("train_seconds", 0.0), 0, 1e10)
+    if not isinstance(extra.get("train", {}), dict):
+        raise ValueError("the stored training configuration is not a table")
+
+
+def check_optimizer(optimizer, net):
+    """Adam's state for `net`: its parameters in order, each with a step and two moments of its
+    shape (torch checks neither before the first step)."""
+    params = list(net.parameters())
+    if [i for group in optimizer["param_groups"] for i in group["params"]] != [*range(len(params))]:
+        raise ValueError("the optimizer state is for another network")
+    for i, moments in optimizer["state"].items():
+        if i not in range(len(params)):
+            raise ValueError(f"the optimizer state names a parameter {i!r} the network lacks")
+        if set(moments) != {"step", "exp_avg", "exp_avg_sq"} or moments["step"].numel() != 1:
+            raise ValueError(f"the optimizer state of parameter {i} is not Adam's")
+        for name in ("exp_avg", "exp_avg_sq"):
+            if moments[name].shape != params[i].shape or not moments[name].is_floating_point():
+                raise ValueError(
+                    f"the optimizer's {name} of parameter {i} has shape "
+                    f"{tuple(moments[name].shape)}, not {tuple(params[i].shape)}"
+                )
+
+
+def check_log(log):
+    """train.py's log interval in progress: a finite loss sum over `count` steps, in `seconds`."""
+    if log is not None:
+        loss_sum = log["loss_sum"]
+        if loss_sum.numel() != 1 or not torch.isfinite(loss_sum).all():
+            raise ValueError(f"log loss_sum {loss_sum!r}")
+        data.check_int("log count", log["count"], 0, 10**10)
+        data.check_number("log seconds", log["seconds"], 0, 1e10)

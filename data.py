@@ -7,13 +7,20 @@ the default checkpoint, the scripts' comma-separated lists, and writing files at
 grids, .npz arrays, GIFs, tables and, for checkpoint.py, checkpoints).
 """
 
+import contextlib
+import errno
 import glob
 import gzip
+import inspect
+import math
 import os
+import re
 import shutil
 import tempfile
+import time
 import zlib
 
+import click
 import torch
 
 import sgm
@@ -57,13 +64,7 @@ def load_fashion_mnist(root=DATA_DIR, train=True):
             if all(os.path.isfile(os.path.join(source, name + ".gz")) for name in FILES):
                 for name in FILES:
                     path = os.path.join(source, name + ".gz")
-                    try:
-                        with gzip.open(path, "rb") as f:
-                            atomic_write(os.path.join(raw, name), lambda tmp: copy_to(f, tmp))
-                    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # not write errors
-                        raise DataError(
-                            f"{path} cannot be decompressed ({e}): replace it"
-                        ) from None
+                    atomic_write(os.path.join(raw, name), lambda tmp, path=path: gunzip(path, tmp))
                 break
     try:
         download = not os.path.isdir(raw) or not os.listdir(raw)
@@ -83,25 +84,89 @@ def load_fashion_mnist(root=DATA_DIR, train=True):
     return dataset.data[:, None].contiguous(), dataset.targets.long()
 
 
+def gunzip(source, path):
+    """Decompress `source` into `path`; a damaged .gz file is named in one line."""
+    try:
+        with gzip.open(source, "rb") as f, open(path, "wb") as out:
+            shutil.copyfileobj(f, out)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # not write errors
+        raise DataError(f"{source} cannot be decompressed ({e}): replace it") from None
+
+
+TMP_PREFIX = ".sgm-tmp-"  # atomic_write's temporary files: .sgm-tmp-<pid>-<random>.tmp
+STALE_SECONDS = 60
+
+
 def atomic_write(path, write):
     """write(tmp_path), then rename over `path`: a file is replaced only by a complete one, and a
-    crash never leaves half a file. For checkpoints, images, arrays and tables alike."""
-    folder, suffix = os.path.dirname(os.path.abspath(path)), os.path.splitext(path)[1]
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=suffix + ".tmp")
-    os.close(fd)
+    crash never leaves half a file. For checkpoints, images, arrays and tables alike. On failure
+    the temporary file goes, and so do the folders this call created; an OS error names `path`.
+    Temporary files that a killed write left in the folder are removed first (`remove_stale`)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    created, missing = [], folder  # the folders to create, deepest first
+    while not os.path.exists(missing):
+        created.append(missing)
+        missing = os.path.dirname(missing)
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        remove_stale(folder)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=".tmp")
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+    except BaseException as e:
+        for leftover, remove in [(tmp, os.remove), *((made, os.rmdir) for made in created)]:
+            if leftover is not None:
+                with contextlib.suppress(OSError):
+                    remove(leftover)
+        if isinstance(e, OSError) and e.errno:  # an error about the temporary file names `path`
+            if e.filename in (None, tmp, *created) or TMP_PREFIX in str(e.filename):
+                raise OSError(e.errno, e.strerror, path) from None
         raise
 
 
-def copy_to(f, path):
-    with open(path, "wb") as out:
-        shutil.copyfileobj(f, out)
+def remove_stale(folder):
+    """Remove atomic_write's temporary files in `folder` that a killed write left: those of a
+    process no longer running on this machine, untouched for STALE_SECONDS (a live write from
+    another machine keeps its file fresh). Nothing else is ever removed."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            match = re.fullmatch(re.escape(TMP_PREFIX) + r"(\d+)-\w+\.tmp", name)
+            path = os.path.join(folder, name)
+            if match and not running(int(match[1])):
+                with contextlib.suppress(OSError):
+                    if time.time() - os.path.getmtime(path) > STALE_SECONDS:
+                        os.remove(path)
+
+
+def running(pid):
+    """Whether process `pid` runs on this machine (when unsure: yes)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process, or no such number
+        return True
+    return True
+
+
+def save_torch(obj, path):
+    """torch.save through atomic_write. torch's writer reports a full disk as a RuntimeError
+    ("unexpected pos ..."), not an OSError: it becomes one line too."""
+    try:
+        atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    except RuntimeError as e:
+        raise sgm.SGMError(
+            f"{path}: cannot be written ({first_line(e)}); is the disk full? An earlier file "
+            "there is untouched"
+        ) from None
+
+
+def first_line(error, limit=100):
+    """An exception's message cut to one short line, for one-line errors."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
 
 
 def to_model_range(images, data_range, dequantize=False):
@@ -128,17 +193,40 @@ def resolve_device(device):
 
 
 def check_writable(path):
-    """Refuse an output path before any work starts: not a folder, and the nearest folder that
-    exists on its way can be written to (the writers create the missing ones)."""
+    """Refuse an output path before any work starts: a folder, a name too long, or a place that
+    cannot be written to. The file itself is created and removed when its folder exists;
+    nothing is left behind (the writers create the missing folders)."""
     if os.path.isdir(path):
         raise sgm.SGMError(f"{path} is a folder: give a file name")
-    folder = os.path.dirname(os.path.abspath(path))
+    folder, names = os.path.dirname(os.path.abspath(path)), [os.path.basename(path)]
     while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
+        folder, name = os.path.split(folder)
+        names.append(name)
     try:
-        tempfile.TemporaryFile(dir=folder).close()
+        if any(len(os.fsencode(name)) > os.pathconf(folder, "PC_NAME_MAX") for name in names):
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
+        if len(names) == 1 and not os.path.lexists(path):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+            os.remove(path)  # made just now, by this call
+        else:
+            tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
         raise sgm.SGMError(f"{path}: cannot write there ({e.strerror})") from None
+
+
+def check_number(name, value, low=-math.inf, high=math.inf, low_open=False):
+    """Refuse NaN, inf and out-of-range numbers with one line, before any work starts."""
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high
+    if not ok or (low_open and value == low):
+        bound = "above" if low_open else "at least"
+        raise sgm.SGMError(f"{name} must be a finite number {bound} {low:g} and at most {high:g}, "
+                           f"not {value!r}")  # fmt: skip
+
+
+def check_int(name, value, low, high):
+    """Refuse anything but a whole number in [low, high] (bools too), with one line."""
+    if type(value) is not int or not low <= value <= high:
+        raise sgm.SGMError(f"{name} must be a whole number from {low} to {high}, not {value!r}")
 
 
 def parse_list(text, flag, kind=float, what="numbers"):
@@ -222,3 +310,61 @@ def save_text(text, path):
             f.write(text)
 
     atomic_write(path, write)
+
+
+# ------------------------------------------------------------------------------------------------
+# The scripts' edge: numbers and solver options, checked before any work starts
+
+SOLVER_COMMON = ("generator", "callback", "project")  # what sgm.sample passes to every solver
+# (low, high[, low excluded]) of each solver option, and the names each choice takes
+OPTION_RANGES = {"snr": (0, 100, True), "corrector_steps": (0, 1000), "rtol": (1e-12, 1),
+                 "atol": (1e-12, 1), "s_churn": (0, 1e3), "s_tmin": (0, 1e6), "s_tmax": (0, 1e6),
+                 "s_noise": (0, 2), "eta": (0, 1)}  # fmt: skip
+OPTION_CHOICES = {"predictor": tuple(sgm.PREDICTORS), "corrector": tuple(sgm.CORRECTORS)}
+
+
+class Number(click.ParamType):
+    """A finite number in [low, high] (low excluded with low_open): click's FloatRange lets NaN
+    through, this refuses it, and inf, with one line."""
+
+    name = "number"
+
+    def __init__(self, low=-math.inf, high=math.inf, low_open=False):
+        self.low, self.high, self.low_open = low, high, low_open
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+            check_number(f"--{param.name.replace('_', '-')}" if param else "value", number,
+                         self.low, self.high, self.low_open)  # fmt: skip
+        except (ValueError, sgm.SGMError) as e:
+            self.fail(str(e) if isinstance(e, sgm.SGMError) else f"{value!r} is not a number")
+        return number
+
+
+def solver_options(solver):
+    """The options `solver` takes, with their defaults: its sampler's keyword arguments."""
+    params = inspect.signature(sgm.SOLVERS[solver].sample).parameters.values()
+    return {p.name: p.default for p in params if p.kind == p.KEYWORD_ONLY
+            and p.name not in SOLVER_COMMON}  # fmt: skip
+
+
+def check_solver_options(options, flags=False):
+    """Refuse an unknown choice, an out-of-range number or a combination that cannot sample among
+    a solver's options (its defaults filled in), with one line. flags: name them --s-churn."""
+    for key, value in options.items():
+        name = "--" + key.replace("_", "-") if flags else key
+        if key in OPTION_CHOICES and value not in OPTION_CHOICES[key]:
+            choices = ", ".join(OPTION_CHOICES[key])
+            raise sgm.SGMError(f"unknown {name} {value!r}; choose one of {choices}")
+        if key in OPTION_RANGES:
+            check_number(name, value, *OPTION_RANGES[key])
+    if "corrector_steps" in options and not isinstance(options["corrector_steps"], int):
+        raise sgm.SGMError(
+            f"corrector_steps must be a whole number, not {options['corrector_steps']!r}"
+        )
+    if options.get("s_tmin", 0) > options.get("s_tmax", math.inf):
+        raise sgm.SGMError("s_tmin is above s_tmax: edm would never churn (use heun for that)")
+    no_corrector = options.get("corrector") == "none" or options.get("corrector_steps") == 0
+    if options.get("predictor", "none") == "none" and "corrector_steps" in options and no_corrector:
+        raise sgm.SGMError("no predictor and no corrector steps: nothing to sample with")

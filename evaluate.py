@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import glob
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -43,7 +44,7 @@ import sgm
 console = Console(stderr=True, soft_wrap=True)
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLASSIFIER = os.path.join(HERE, "checkpoints", "classifier.pt")
-HEUN_STEPS = 18  # 35 NFE: the setting of every training-run FD here and in train.py's grids
+HEUN_STEPS = sgm.SOLVERS["heun"].steps  # 35 NFE: every training-run FD, and train.py's grids
 CLASSIFIER_SHA256 = "e4a16879aac282cec5f7be1381fdc19615a1d04e7a8c641bbfd5e62c4e33bfc8"
 
 
@@ -185,6 +186,16 @@ def generate(ckpt, solver, steps, n, device, batch_size=500, seed=0, progress=No
     return torch.cat(out), sum(nfes) / len(nfes), time.time() - start
 
 
+def check_arm(ckpt, solver, options):
+    """Refuse, before any work, a solver the checkpoint's SDE cannot run (ancestral on sub-VP):
+    two steps on a 1-pixel image with the score of N(0, I), which calls no network. The
+    probability-flow ODE exists for every SDE."""
+    if solver != "ode":
+        generator = torch.Generator().manual_seed(0)
+        sgm.sample(lambda x, t: -x, ckpt.sde, (1, 1, 1, 1), solver, 2, generator=generator,
+                   **options)  # fmt: skip
+
+
 @functools.lru_cache(maxsize=2)
 def reference_features(data_dir, device):
     """The classifier, and the features and labels of the 10,000 test images (once per process)."""
@@ -265,13 +276,21 @@ labels_option = click.option(
 )
 
 
+def tolerance_options(command):
+    """--rtol and --atol, the probability-flow ODE's tolerances (fd, bpd)."""
+    for name in ("--atol", "--rtol"):
+        kind = data.Number(*data.OPTION_RANGES[name[2:]])
+        command = click.option(name, type=kind, default=1e-5, help="ODE tolerance.")(command)
+    return command
+
+
 def parse_arm(text):
     """'SOLVER' or 'SOLVER:OPTION=VALUE:...' (e.g. 'edm:s_churn=5') -> (solver, options)."""
     solver, *pairs = text.strip().split(":")
     if solver not in sgm.SOLVERS:
         names = ", ".join(sgm.SOLVERS)
         raise click.ClickException(f"unknown solver {solver!r}; choose from {names}")
-    known, options = sgm.solver_options(solver), {}
+    known, options = data.solver_options(solver), {}
     for pair in pairs:
         key, _, value = pair.partition("=")
         if key not in known:
@@ -283,7 +302,7 @@ def parse_arm(text):
         except ValueError:
             what = {float: "a number", int: "a whole number"}.get(kind, "a name")
             raise click.ClickException(f"{text}: {key} takes {what}, not {value!r}") from None
-    sgm.check_options({**known, **options})
+    data.check_solver_options({**known, **options})
     return solver, options
 
 
@@ -297,8 +316,7 @@ def parse_arm(text):
 )
 @click.option("--steps", type=click.IntRange(1), default=None, help="[the solver's default]")
 @click.option("--n", type=click.IntRange(2), default=2000)
-@click.option("--rtol", type=float, default=1e-5, help="ODE tolerance, in [1e-12, 1].")
-@click.option("--atol", type=float, default=1e-5, help="ODE tolerance, in [1e-12, 1].")
+@tolerance_options
 @click.option("--seed", type=int, default=0)
 @labels_option
 @device_option
@@ -308,19 +326,20 @@ def fd_command(ckpt_path, arm, steps, n, rtol, atol, seed, labels, device, data_
     device, ckpt_path = data.resolve_device(device), ckpt_path or data.default_checkpoint()
     solver, options = parse_arm(arm)
     steps = steps or sgm.SOLVERS[solver].steps
-    sgm.check_options(dict(rtol=rtol, atol=atol), flags=True)
+    if solver == "ode":  # the flags, unless the arm gives its own
+        options = {"rtol": rtol, "atol": atol, **options}
     ckpt = checkpoint.load(ckpt_path, device)  # before the slow part: a bad path fails at once
+    check_arm(ckpt, solver, options)
     scorer = Scorer(data_dir, device)
     with Progress(console=console) as progress:
         images, nfe, seconds = generate(
             ckpt, solver, steps, n, device, seed=seed, progress=progress, labels=labels,
-            **{"rtol": rtol, "atol": atol, **options},
+            **options,
         )  # fmt: skip
     fd, hist = scorer.fd(images)
     floor = scorer.floor(n, seed)
-    tolerances = {"rtol": rtol, "atol": atol, **options}
     setting = (
-        "rtol {rtol:g} atol {atol:g}".format(**tolerances) if solver == "ode" else f"steps {steps}"
+        "rtol {rtol:g} atol {atol:g}".format(**options) if solver == "ode" else f"steps {steps}"
     )
     console.print(
         f"FD {fd:.2f} (floor {floor:.2f}: {n} training images vs test) | {arm}, {setting}, "
@@ -337,16 +356,13 @@ def fd_command(ckpt_path, arm, steps, n, rtol, atol, seed, labels, device, data_
 @ckpt_option
 @click.option("--n", type=click.IntRange(1), default=None, help="Test images [all 10000].")
 @click.option("--batch-size", type=click.IntRange(1), default=250)
-@click.option("--rtol", type=float, default=1e-5, help="ODE tolerance, in [1e-12, 1].")
-@click.option("--atol", type=float, default=1e-5, help="ODE tolerance, in [1e-12, 1].")
+@tolerance_options
 @click.option("--seed", type=int, default=0)
 @device_option
 @data_option
 def bpd_command(ckpt_path, n, batch_size, rtol, atol, seed, device, data_dir):
     """Test-set bits/dim with uniform dequantization and the Hutchinson trace estimator."""
     device, ckpt_path = data.resolve_device(device), ckpt_path or data.default_checkpoint()
-    sgm.check_number("--rtol", rtol, 1e-12, 1)
-    sgm.check_number("--atol", atol, 1e-12, 1)
     ckpt = checkpoint.load(ckpt_path, device)
     images, _ = data.load_fashion_mnist(data_dir, train=False)
     images = images[:n] if n else images
@@ -459,6 +475,8 @@ def parse_sweep_arm(text):
         raise click.ClickException(f"{text}: the step counts after @ must be numbers") from None
     if any(s <= 0 for s in steps):
         raise click.ClickException(f"{text}: the step counts after @ must be positive")
+    for tolerance in steps if solver == "ode" else ():  # rtol = atol = each
+        data.check_solver_options({"rtol": tolerance, "atol": tolerance})
     return solver, options, steps or SWEEP_STEPS[solver]
 
 
@@ -498,6 +516,8 @@ def sweep_command(ckpt_path, n, solvers, max_steps, out, seed, labels, device, d
     data.check_writable(out + ".md")
     data.check_writable(out + ".png")
     ckpt = checkpoint.load(ckpt_path, device)
+    for _, solver, options, _ in arms:
+        check_arm(ckpt, solver, options)
     scorer = Scorer(data_dir, device)
     floor, rows = scorer.floor(n, seed), []
     header = (
@@ -540,9 +560,10 @@ def recipe(cfg):
     return " ".join([cfg.preset, *changed])
 
 
-def run_points(folder):
+def run_points(folder, snapshots=True):
     """A run folder's evaluation points: (minutes, path) of each snapshot_<M>min.pt, then ckpt.pt
-    at its training time (NaN for runs older than this); and the median img/s in log.jsonl."""
+    at its training time (NaN for runs older than this); and the median img/s in log.jsonl.
+    Each checkpoint is loaded here already, so that a damaged one is refused before any work."""
     ckpt_path = os.path.join(folder, "ckpt.pt")
     if not os.path.isfile(ckpt_path):
         raise click.ClickException(f"{folder}: no ckpt.pt; is it a train.py run folder?")
@@ -551,6 +572,8 @@ def run_points(folder):
         with contextlib.suppress(ValueError):
             points.append((float(os.path.basename(path)[9:-6]), path))
     final = checkpoint.load(ckpt_path)
+    for _, path in points if snapshots else ():
+        checkpoint.load(path)
     points = [*sorted(points), (final.extra.get("train_seconds", math.nan) / 60, ckpt_path)]
     rates = []
     with contextlib.suppress(OSError), open(os.path.join(folder, "log.jsonl")) as f:
@@ -592,7 +615,7 @@ def runs_command(folders, n, seeds, out, snapshots, labels, device, data_dir):
     device = data.resolve_device(device)
     seeds = data.parse_list(seeds, "--seeds", int, "whole numbers")
     data.check_writable(out + ".md")
-    runs = [(folder, *run_points(folder)) for folder in folders]  # every folder checked first
+    runs = [(folder, *run_points(folder, snapshots)) for folder in folders]  # all checked first
     scorer = Scorer(data_dir, device)
     floors = " / ".join(f"{scorer.floor(n, seed):.2f}" for seed in seeds)
     header = (
@@ -672,6 +695,8 @@ def compare_command(ckpt_paths, solvers, nfe, n, out, seed, labels, device, data
     if out:
         data.check_writable(out)
     ckpts = [(path, checkpoint.load(path, device)) for path in ckpt_paths]  # all, first
+    for (_, ckpt), solver in itertools.product(ckpts, chosen):
+        check_arm(ckpt, solver, {})
     # pc spends two evaluations per step (one corrector step and the predictor), ald one
     steps = {
         s: nfe // (2 if s == "pc" else 1) if s in sgm.INPAINTING_SOLVERS else sgm.SOLVERS[s].steps
@@ -753,9 +778,7 @@ def export_command(ckpt_path, out, overwrite, half, n, seed, device, data_dir):
     kind = "EMA weights" if exported.is_ema else "weights (the file has no EMA)"
     exported.is_ema = True  # stored as the EMA weights, alone
     exported.extra = {**exported.extra, "exported_from": ckpt_path, "half": half}
-    if half:
-        exported.net.half()  # floats to fp16; checkpoint.load casts them back to fp32
-    checkpoint.save(out, exported)
+    checkpoint.save(out, exported, half=half)  # checkpoint.load casts fp16 back to fp32
     console.print(
         f"wrote {out}: {os.path.getsize(out) / 1e6:.2f} MB, {kind} of {ckpt_path} at step "
         f"{exported.step}{' in fp16' if half else ''}"
@@ -823,7 +846,7 @@ class TutorialScoreNet(nn.Module):
 @click.option("--weights", default="0,1,3", help="Guidance weights w, comma-separated.")
 @click.option("--n", type=click.IntRange(2), default=200, help="Samples per class and weight.")
 @click.option("--solver", type=click.Choice(list(sgm.SOLVERS)), default="heun")
-@click.option("--steps", type=click.IntRange(1), default=18)
+@click.option("--steps", type=click.IntRange(1), default=None, help="[the solver's default]")
 @click.option("--out", default=None, help="Also write the table to this markdown file.")
 @click.option("--seed", type=int, default=0)
 @device_option
@@ -831,13 +854,14 @@ class TutorialScoreNet(nn.Module):
 def guidance_command(ckpt_path, weights, n, solver, steps, out, seed, device, data_dir):
     """Class accuracy (by the evaluation classifier) and per-class FD of guided samples, per w."""
     device, ckpt_path = data.resolve_device(device), ckpt_path or data.default_checkpoint()
-    ckpt = checkpoint.load(ckpt_path, device)
+    ckpt, steps = checkpoint.load(ckpt_path, device), steps or sgm.SOLVERS[solver].steps
     config = ckpt.model_config
     if not config.num_classes:
         raise click.ClickException(
             f"{ckpt_path}: an unconditional checkpoint; train one without --no-conditional"
         )
     ws = parse_weights(weights)
+    check_arm(ckpt, solver, {})
     if out:
         data.check_writable(out)
     scorer = Scorer(data_dir, device)
@@ -890,7 +914,7 @@ def parse_weights(text):
     """'0,1,3' -> [0.0, 1.0, 3.0], each a finite guidance weight."""
     ws = data.parse_list(text, "--weights")
     for w in ws:
-        sgm.check_number("a guidance weight", w, 0, 1e3)
+        data.check_number("a guidance weight", w, 0, 1e3)
     return ws
 
 
@@ -1007,7 +1031,7 @@ def train_classifier_command(epochs, out, seed, device, data_dir):
         )
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     weights = {k: v.cpu() for k, v in net.state_dict().items()}
-    data.atomic_write(out, lambda tmp: torch.save(weights, tmp))
+    data.save_torch(weights, out)
     console.print(
         f"test accuracy {accuracy:.4f}; wrote {out}, sha256 {sha256(out)} "
         "(set CLASSIFIER_SHA256 to it)"

@@ -23,6 +23,7 @@ import time
 
 import click
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -34,7 +35,7 @@ console = Console(stderr=True, soft_wrap=True)
 MASKS = ("left", "right", "top", "bottom", "center", "random")
 SOLVER_OPTIONS = ("predictor", "corrector", "snr", "corrector_steps", "rtol", "atol", "s_churn",
                   "s_tmin", "s_tmax", "s_noise", "eta")  # fmt: skip
-PC, ODE, EDM, SDE2M = (sgm.solver_options(s) for s in ("pc", "ode", "edm", "dpmpp_2m_sde"))
+PC, ODE, EDM, SDE2M = (data.solver_options(s) for s in ("pc", "ode", "edm", "dpmpp_2m_sde"))
 
 
 @dataclasses.dataclass
@@ -71,11 +72,8 @@ class Options:
     mask: torch.Tensor = None  # (C, H, W), 1 where known: inpainting
     known: torch.Tensor = None  # uint8 test images (n, C, H, W) to inpaint
 
-    def __post_init__(self):  # click's ranges let NaN through
-        sgm.check_options({**sgm.solver_options(self.solver), **self.solver_options}, flags=True)
-        sgm.check_number("--eps", self.eps, 0, 0.5, low_open=True)
-        if self.guidance is not None:
-            sgm.check_number("--guidance", self.guidance, 0, 1e3)
+    def __post_init__(self):  # the combination of options, with the solver's defaults
+        data.check_solver_options({**data.solver_options(self.solver), **self.solver_options}, True)
 
     @property
     def mode(self):
@@ -89,7 +87,7 @@ class Options:
 
     @property
     def solver_options(self):  # those of the given options that this solver takes
-        takes = sgm.solver_options(self.solver)
+        takes = data.solver_options(self.solver)
         return {name: value for name, value in self.given_options.items() if name in takes}
 
 
@@ -119,7 +117,7 @@ def parse_label(text, ckpt):
     name = text.lower().replace("_", "-").replace(" ", "-")
     if name in data.CLASSES:
         return data.CLASSES.index(name)
-    if text.isdigit() and int(text) < num_classes:
+    if text.isascii() and text.isdigit() and int(text) < num_classes:  # "²" is a digit too
         return int(text)
     raise click.ClickException(
         f"unknown --label {text!r}: use 0-{num_classes - 1}, 'all', 'none' or one of "
@@ -241,6 +239,27 @@ def run_chunks(ckpt, labels, opts, progress, frames):
     return x, sum(nfes) / len(nfes)
 
 
+def slerp(z_a, z_b, weight):
+    """Spherical interpolation between latents (B, ...), weight in [0, 1]."""
+    a, b = z_a.flatten(1), z_b.flatten(1)
+    cosine = (F.normalize(a, dim=1) * F.normalize(b, dim=1)).sum(1, keepdim=True)  # (B, 1)
+    omega = torch.arccos(cosine.clamp(-1, 1))
+    sin_omega = omega.sin().clamp_min(1e-8)
+    arc = (((1 - weight) * omega).sin() * a + (weight * omega).sin() * b) / sin_omega
+    line = (1 - weight) * a + weight * b  # for (nearly) parallel latents
+    return torch.where(sin_omega > 1e-6, arc, line).reshape(z_a.shape)
+
+
+def interpolate(score_fn, sde, x_a, x_b, n=8, **kwargs):
+    """n images (n, ...) morphing x_a (1, ...) into x_b along spherical interpolation of their
+    probability-flow ODE latents (sgm.encode, sgm.decode), and the NFE per image."""
+    z, nfe_encode = sgm.encode(score_fn, sde, torch.cat([x_a, x_b]), **kwargs)
+    weights = torch.linspace(0, 1, n, device=z.device)
+    latents = torch.cat([slerp(z[:1], z[1:], float(w)) for w in weights])
+    x, nfe_decode = sgm.decode(score_fn, sde, latents, **kwargs)
+    return x, nfe_encode + nfe_decode
+
+
 def write_output(x, frames, labels, ckpt, out, nrow):
     suffix = os.path.splitext(out)[1].lower()
     if suffix == ".png":
@@ -280,7 +299,7 @@ def write_output(x, frames, labels, ckpt, out, nrow):
 )
 @click.option(
     "--snr",
-    type=click.FloatRange(0, min_open=True),
+    type=data.Number(*data.OPTION_RANGES["snr"]),
     help=f"Langevin signal-to-noise ratio (pc, ald) [{PC['snr']}].",
 )
 @click.option(
@@ -300,30 +319,42 @@ def write_output(x, frames, labels, ckpt, out, nrow):
 )
 @click.option(
     "--rtol",
-    type=click.FloatRange(0, min_open=True),
+    type=data.Number(*data.OPTION_RANGES["rtol"]),
     help=f"ode relative tolerance [{ODE['rtol']}].",
 )
 @click.option(
     "--atol",
-    type=click.FloatRange(0, min_open=True),
+    type=data.Number(*data.OPTION_RANGES["atol"]),
     help=f"ode absolute tolerance [{ODE['atol']}].",
 )
 @click.option(
     "--s-churn",
     "--churn",
     "s_churn",
-    type=float,
+    type=data.Number(*data.OPTION_RANGES["s_churn"]),
     help=f"edm: churn S_churn, 0-1000 [{EDM['s_churn']}].",
 )
-@click.option("--s-tmin", type=float, help=f"edm: churn from this noise level [{EDM['s_tmin']}].")
-@click.option("--s-tmax", type=float, help=f"edm: churn up to this noise level [{EDM['s_tmax']}].")
 @click.option(
-    "--s-noise", type=float, help=f"edm, dpmpp_2m_sde: noise scale, 0-2 [{EDM['s_noise']}]."
+    "--s-tmin",
+    type=data.Number(*data.OPTION_RANGES["s_tmin"]),
+    help=f"edm: churn from this noise level [{EDM['s_tmin']}].",
 )
-@click.option("--eta", type=float, help=f"dpmpp_2m_sde: stochasticity, 0-1 [{SDE2M['eta']}].")
 @click.option(
-    "--eps", type=click.FloatRange(0, 0.5, min_open=True), default=1e-3, help="Final time."
+    "--s-tmax",
+    type=data.Number(*data.OPTION_RANGES["s_tmax"]),
+    help=f"edm: churn up to this noise level [{EDM['s_tmax']}].",
 )
+@click.option(
+    "--s-noise",
+    type=data.Number(*data.OPTION_RANGES["s_noise"]),
+    help=f"edm, dpmpp_2m_sde: noise scale, 0-2 [{EDM['s_noise']}].",
+)
+@click.option(
+    "--eta",
+    type=data.Number(*data.OPTION_RANGES["eta"]),
+    help=f"dpmpp_2m_sde: stochasticity, 0-1 [{SDE2M['eta']}].",
+)
+@click.option("--eps", type=data.Number(0, 0.5, low_open=True), default=1e-3, help="Final time.")
 @click.option("--seed", type=int, default=0)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--ema/--no-ema", default=True, help="Sample with the EMA weights.")
@@ -341,7 +372,7 @@ def write_output(x, frames, labels, ckpt, out, nrow):
 )
 @click.option(
     "--guidance",
-    type=click.FloatRange(0),
+    type=data.Number(0, 1e3),
     help="Classifier-free guidance weight w [1 with --label, else 0].",
 )
 @click.option(
@@ -400,7 +431,7 @@ def main(**flags):
             )
             a, b = a.to(opts.device), b.to(opts.device)
             kwargs = dict(eps=opts.eps, **opts.solver_options)  # the ODE's rtol and atol
-            x, nfe = sgm.interpolate(ckpt.score_fn(), ckpt.sde, a, b, opts.n, **kwargs)
+            x, nfe = interpolate(ckpt.score_fn(), ckpt.sde, a, b, opts.n, **kwargs)
             x, nrow = torch.cat([a, x, b]), opts.n + 2
         else:
             if opts.mode == "inpaint":

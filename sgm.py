@@ -1,29 +1,24 @@
 """
-Score-based generative modeling through stochastic differential equations, in one file.
+Score-based generative modeling through stochastic differential equations: the mathematics of
+Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole, ICLR 2021 (arXiv:2011.13456), to be read top
+to bottom beside the paper. Nothing is used before it is defined:
 
-A reference implementation of Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole, "Score-Based
-Generative Modeling through Stochastic Differential Equations", ICLR 2021 (arXiv:2011.13456).
-Read it top to bottom next to the paper:
+    1 SDEs        VE, VP, sub-VP (eqs. 9, 11, section 3.4); the reverse SDE (eq. 6) and ODE (13)
+    2 model       a time-conditioned U-Net, preconditioned, and the one place it becomes a score
+    3 loss        denoising score matching (eq. 7), then how t is drawn and weighted
+    4 numerics    Dormand-Prince 5(4), for the ODE sampler and the likelihood
+    5 samplers    time grids; predictor-corrector (Algorithm 1), the probability-flow ODE; then
+                  EDM's Heun and stochastic samplers, DPM-Solver++(2M) with and without noise
+    6 sample      the solver table and `sample`; inpainting (appendix I.2), guidance (eq. 14)
+    7 likelihood  log-likelihood (appendix D.2), bits/dim, encode and decode (section 4.3)
 
-    SDEs        VE, VP and sub-VP forward processes (eqs. 9 and 11, section 3.4), the reverse SDE
-                and the probability flow (eqs. 6 and 13)
-    model       a time-conditioned U-Net, and the one function that makes it a score
-    loss        continuous denoising score matching (eq. 7)
-    samplers    predictor-corrector (Algorithm 1): any predictor (Euler-Maruyama, reverse diffusion,
-                ancestral) with any corrector (Langevin, annealed Langevin); probability-flow ODE
-    likelihood  exact log-likelihood through the probability-flow ODE (appendix D.2), bits/dim
-    control     inpainting (appendix I.2), latent encoding and interpolation
-Then the numerics that serve it (Dormand-Prince), what goes beyond it (EDM's preconditioning, its
-Heun and stochastic samplers, DPM-Solver++, classifier-free guidance), and the solver table with
-`sample`. Every sampler takes any `score_fn(x, t)`, so `test_sgm.py` drives them with exact
-Gaussian scores. Only torch is imported. The training state (EMA, TrainConfig, checkpoints) is in
-checkpoint.py. Used by train.py, sample.py, evaluate.py.
+Samplers take any `score_fn(x, t)`, so test_sgm.py drives them with exact Gaussian scores; their
+keyword arguments are their options. The scripts check what users type before calling in here.
 """
 
-import inspect
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -32,17 +27,7 @@ import torch.nn.functional as F
 
 
 class SGMError(ValueError):
-    """A problem with the caller's input (a solver the SDE lacks, a damaged checkpoint, ...): the
-    scripts print its message as one line."""
-
-
-def check_number(name, value, low=-math.inf, high=math.inf, low_open=False):
-    """Refuse NaN, inf and out-of-range numbers with one line, before any work starts."""
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high
-    if not ok or (low_open and value == low):
-        bound = "above" if low_open else "at least"
-        raise SGMError(f"{name} must be a finite number {bound} {low:g} and at most {high:g}, "
-                       f"not {value!r}")  # fmt: skip
+    """What the library refuses at run time (a diverging model, ...): the scripts print one line."""
 
 
 def append_dims(v, ndim):
@@ -55,48 +40,35 @@ def randn_like(x, generator=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# SDEs: dx = f(x, t) dt + g(t) dw, t in [0, T]
+# 1. SDEs: dx = f(x, t) dt + g(t) dw, t in [0, T]
 
 
 class SDE:
-    """Base class. `t` has shape (B,); `x` has shape (B, ...) of any rank. Subclasses set `name`
-    (the short name train.py takes) and `data_range` (the scaling of the data, as in the paper)."""
+    """t (B,), x (B, ...). Subclasses define `sde`, the kernel's `mean_scale` a(t) and `std`, and
+    `time_at_noise_level`; they set `name` (train.py's) and `data_range` (as in the paper)."""
 
     T = 1.0
     prior_std = 1.0
-    name = ""
     data_range = (-1.0, 1.0)
 
     def sde(self, x, t):
         """Forward drift f(x, t) (B, ...) and diffusion g(t) (B,)."""
         raise NotImplementedError
 
-    def mean_scale(self, t):
-        """a(t): the perturbation kernel is N(a(t) x(0), std(t)^2 I)."""
-        raise NotImplementedError
-
-    def std(self, t):
-        raise NotImplementedError
-
     def marginal_prob(self, x, t):
-        """Mean (B, ...) and std (B,) of p_0t(x(t) | x(0) = x)."""
+        """Mean (B, ...) and std (B,) of the kernel p_0t(x(t) | x(0) = x) = N(a x, std^2 I)."""
         return append_dims(self.mean_scale(t), x.ndim) * x, self.std(t)
 
     def noise_level(self, t):
         """sigma(t) = std(t) / a(t): the noise level of x(t) / a(t), the time variable of EDM."""
         return self.std(t) / self.mean_scale(t)
 
-    def time_at_noise_level(self, sigma):
-        """Inverse of noise_level."""
-        raise NotImplementedError
-
     def prior_sampling(self, shape, generator=None, device=None):
         return self.prior_std * torch.randn(shape, generator=generator, device=device)
 
     def prior_logp(self, z):
         """log N(z; 0, prior_std^2 I) per sample, (B,)."""
-        D = z[0].numel()
-        var = self.prior_std**2
+        D, var = z[0].numel(), self.prior_std**2
         return -0.5 * D * math.log(2 * math.pi * var) - z.flatten(1).pow(2).sum(1) / (2 * var)
 
     def reverse_sde(self, x, t, score, probability_flow=False):
@@ -111,21 +83,15 @@ class SDE:
         """Forward step x(t) = x(t_next) + f + G z over [t_next, t], for the reverse-diffusion
         predictor. Euler here; VE and VP override it with their exact kernels (appendix E)."""
         drift, diffusion = self.sde(x, t)
-        dt = t - t_next
-        return drift * append_dims(dt, x.ndim), diffusion * dt.sqrt()
+        return drift * append_dims(t - t_next, x.ndim), diffusion * (t - t_next).sqrt()
 
     def langevin_alpha(self, t, t_next):
         """alpha_i of Algorithms 4 and 5: 1 for VE, 1 - beta_i for VP and sub-VP."""
         return torch.ones_like(t)
 
     def ancestral_step(self, x, t, t_next, score):
-        raise SGMError(
-            f"ancestral sampling is not defined for {type(self).__name__}; use the reverse "
-            "diffusion predictor (solver reverse_diffusion, or pc's default predictor)"
-        )
-
-    def config(self):
-        return {"name": self.name, **asdict(self)}
+        raise SGMError(f"ancestral sampling is not defined for {type(self).__name__}: use the "
+                       "reverse diffusion predictor (reverse_diffusion, pc's default)")  # fmt: skip
 
 
 @dataclass
@@ -139,35 +105,27 @@ class VESDE(SDE):
     data_range = (0.0, 1.0)
 
     def __post_init__(self):
-        check_number("sigma_min", self.sigma_min, 0, 1e6, low_open=True)
-        check_number("sigma_max", self.sigma_max, self.sigma_min, 1e6, low_open=True)
-
-    @property
-    def prior_std(self):
-        return self.sigma_max
-
-    def sigma(self, t):
-        return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
+        self.prior_std = self.sigma_max
 
     def sde(self, x, t):
-        g = self.sigma(t) * math.sqrt(2 * math.log(self.sigma_max / self.sigma_min))
+        g = self.std(t) * math.sqrt(2 * math.log(self.sigma_max / self.sigma_min))
         return torch.zeros_like(x), g
 
     def mean_scale(self, t):
         return torch.ones_like(t)
 
-    def std(self, t):
-        return self.sigma(t)  # the official convention: sigma_min counts as already applied
+    def std(self, t):  # sigma(t), the official convention: sigma_min counts as already applied
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
 
     def time_at_noise_level(self, sigma):
         return torch.log(sigma / self.sigma_min) / math.log(self.sigma_max / self.sigma_min)
 
     def discretize(self, x, t, t_next):
-        return torch.zeros_like(x), (self.sigma(t) ** 2 - self.sigma(t_next) ** 2).sqrt()
+        return torch.zeros_like(x), (self.std(t) ** 2 - self.std(t_next) ** 2).sqrt()
 
     def ancestral_step(self, x, t, t_next, score):
         """SMLD ancestral sampling (appendix F): returns the mean and the std of x(t_next)."""
-        var, var_next = self.sigma(t) ** 2, self.sigma(t_next) ** 2
+        var, var_next = self.std(t) ** 2, self.std(t_next) ** 2
         x_mean = x + append_dims(var - var_next, x.ndim) * score
         return x_mean, (var_next * (var - var_next) / var).sqrt()
 
@@ -178,10 +136,6 @@ class LinearBetaSDE(SDE):
 
     beta_min: float = 0.1
     beta_max: float = 20.0
-
-    def __post_init__(self):
-        check_number("beta_min", self.beta_min, 0, 1e3, low_open=True)
-        check_number("beta_max", self.beta_max, self.beta_min, 1e3, low_open=True)
 
     def beta(self, t):
         return self.beta_min + t * (self.beta_max - self.beta_min)
@@ -201,9 +155,8 @@ class LinearBetaSDE(SDE):
         return torch.exp(-0.5 * self.integrated_beta(t))
 
     def discrete_beta(self, t, t_next):
-        """beta_i of the step t_next -> t, chosen so that prod(1 - beta_i) = exp(-B(t)) exactly. It
-        equals beta(t) dt to first order (the paper's beta_i = beta(t_i) / N) but stays below 1 for
-        any step count."""
+        """beta_i of the step t_next -> t: prod(1 - beta_i) = exp(-B(t)) exactly; to first order
+        the paper's beta(t_i) / N, but below 1 for any step count."""
         return -torch.expm1(-(self.integrated_beta(t) - self.integrated_beta(t_next)))
 
     def langevin_alpha(self, t, t_next):
@@ -238,9 +191,8 @@ class VPSDE(LinearBetaSDE):
 
 @dataclass
 class SubVPSDE(LinearBetaSDE):
-    """sub-VP SDE (section 3.4): VP's drift, a smaller diffusion, and a variance that never exceeds
-    VP's. The paper defines no ancestral sampler for it; its reverse-diffusion predictor uses the
-    base class's Euler discretization (as the official code). Sees data in [-1, 1]."""
+    """sub-VP SDE (section 3.4): VP's drift, a smaller diffusion, a variance never above VP's. No
+    ancestral sampler; reverse diffusion uses the Euler discretization. Sees data in [-1, 1]."""
 
     name = "subvp"
 
@@ -257,18 +209,8 @@ class SubVPSDE(LinearBetaSDE):
 SDES = {cls.name: cls for cls in (VESDE, VPSDE, SubVPSDE)}
 
 
-def sde_from_config(config):
-    """SDE from SDE.config(). Files written before the short names stored the class name."""
-    config = dict(config)
-    name = config.pop("name")
-    classes = [cls for cls in SDES.values() if name in (cls.name, cls.__name__)]
-    if not classes:
-        raise SGMError(f"unknown SDE {name!r}; known: {', '.join(SDES)}")
-    return classes[0](**config)
-
-
 # ------------------------------------------------------------------------------------------------
-# Model: a time-conditioned U-Net that predicts the noise
+# 2. Model: a time-conditioned U-Net that predicts the noise, and the score it gives
 
 
 @dataclass
@@ -337,35 +279,20 @@ class SelfAttention(nn.Module):
 
 
 class UNet(nn.Module):
-    """A DDPM-style U-Net: Fourier time features, residual blocks with GroupNorm and SiLU, skip
-    connections between matching resolutions, self-attention at the lowest one, and an optional
-    label embedding."""
+    """A DDPM-style U-Net: Fourier time features, residual blocks, skip connections between
+    matching resolutions, self-attention at the lowest one, an optional label embedding."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        ch, emb_dim, levels = config.channels, 4 * config.channels, len(config.channel_mult)
-        sizes = (config.image_channels, config.image_size, ch, config.num_res_blocks, levels)
-        if min(sizes) < 1 or config.num_classes < 0 or not 0 <= config.dropout < 1:
-            raise SGMError(f"invalid model configuration {config}")
-        if config.image_size % 2 ** (levels - 1):
-            raise SGMError(
-                f"image_size {config.image_size} is not divisible by {2 ** (levels - 1)}"
-            )
-        self.time_embed = nn.Sequential(
-            GaussianFourierFeatures(256, config.fourier_scale),  # 128 frequencies at any width
-            nn.Linear(256, emb_dim),
-            nn.SiLU(),
-            nn.Linear(emb_dim, emb_dim),
-        )
-        self.label_embed = None
-        if config.num_classes:
-            self.label_embed = nn.Embedding(config.num_classes + 1, emb_dim)
+        ch, E, levels = config.channels, 4 * config.channels, len(config.channel_mult)
+        assert config.image_size % 2 ** (levels - 1) == 0, "image_size: halved at each level"
+        fourier = GaussianFourierFeatures(256, config.fourier_scale)  # 128 frequencies at any width
+        self.time_embed = nn.Sequential(fourier, nn.Linear(256, E), nn.SiLU(), nn.Linear(E, E))
+        labels = config.num_classes + 1  # the last one is "no label"
+        self.label_embed = nn.Embedding(labels, E) if config.num_classes else None
         self.conv_in = nn.Conv2d(config.image_channels, ch, 3, padding=1)
-
-        def block(in_ch, out_ch):
-            return ResBlock(in_ch, out_ch, emb_dim, config.dropout)
-
+        block = lambda in_ch, out_ch: ResBlock(in_ch, out_ch, E, config.dropout)
         self.down, skip_channels, cur = nn.ModuleList(), [ch], ch
         for level, mult in enumerate(config.channel_mult):
             for _ in range(config.num_res_blocks):
@@ -394,8 +321,7 @@ class UNet(nn.Module):
         """x (B, C, H, W), t (B,), labels (B,) in [-1, num_classes), -1 for none -> (B, C, H, W)."""
         emb = self.time_embed(t)  # (B, E)
         if self.label_embed is not None:
-            if labels is None:
-                labels = torch.full_like(t, -1, dtype=torch.long)
+            labels = torch.full_like(t, -1, dtype=torch.long) if labels is None else labels
             emb = emb + self.label_embed(torch.where(labels < 0, self.config.num_classes, labels))
         h = self.conv_in(x)
         skips = [h]
@@ -412,9 +338,20 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+SIGMA_DATA = 0.5  # rough std of the scaled data, for the preconditioning below
+
+
+def predict_noise(net, sde, x, t, labels=None):
+    """The noise z in x(t) = a x(0) + std z, preconditioned after EDM (Karras et al. 2022): input
+    scaled by c_in = 1 / sqrt(a^2 sigma_data^2 + std^2) to about unit variance, and the network
+    predicts the residual of the best linear estimate E[z | x(t)] = std c_in^2 x(t)."""
+    a, std = sde.mean_scale(t), sde.std(t)
+    c_in = append_dims((a**2 * SIGMA_DATA**2 + std**2).rsqrt(), x.ndim)
+    return append_dims(std, x.ndim) * c_in**2 * x + net(x * c_in, t, labels)
+
+
 def score_model(net, sde):
-    """score(x, t, labels=None) = -noise(x, t) / std(t): the one place the network becomes a score.
-    The noise estimate is preconditioned after EDM: see `predict_noise` below."""
+    """score(x, t, labels=None) = -noise(x, t) / std(t): where the network becomes a score."""
 
     def score(x, t, labels=None):
         return -predict_noise(net, sde, x, t, labels) / append_dims(sde.std(t), x.ndim)
@@ -423,75 +360,132 @@ def score_model(net, sde):
 
 
 # ------------------------------------------------------------------------------------------------
-# Loss: continuous denoising score matching (eq. 7)
+# 3. Loss: continuous denoising score matching (eq. 7)
+
+
+def dsm_loss(net, sde, x, eps=1e-5, likelihood_weighting=False, labels=None,
+             noise_sampling="uniform"):  # fmt: skip
+    """E_t E_z lambda(t) / std^2 ||std s(x_t, t) + z||^2 (eq. 7), t ~ U(eps, T), averaged over
+    batch and dimensions; with s = -noise / std the norm is ||noise - z||^2. lambda = std^2 by
+    default, or g^2 (likelihood weighting, Song et al. 2021b), which bounds the negative
+    log-likelihood. `training_times` gives t and the weight of each term."""
+    t, weight = training_times(sde, len(x), noise_sampling, eps, x.device, likelihood_weighting)
+    z = torch.randn_like(x)
+    mean, std = sde.marginal_prob(x, t)
+    noise = predict_noise(net, sde, mean + append_dims(std, x.ndim) * z, t, labels)
+    return ((noise - z).pow(2).flatten(1).mean(1) * weight).mean()  # per sample ||std s + z||^2 / D
 
 
 NOISE_SAMPLINGS = ("uniform", "lognormal", "importance")
 P_MEAN, P_STD = -1.2, 1.2  # EDM's log-normal distribution of training noise levels
 
 
-def check_noise_sampling(noise_sampling, likelihood_weighting):
-    """Refuse an unknown noise sampling, or lognormal (which has its own weight) with likelihood."""
-    if noise_sampling not in NOISE_SAMPLINGS:
-        raise SGMError(f"noise_sampling must be one of {', '.join(NOISE_SAMPLINGS)}")
-    if noise_sampling == "lognormal" and likelihood_weighting:
-        raise SGMError("lognormal noise sampling has its own weighting: not with likelihood")
-
-
-def training_times(sde, batch, noise_sampling, eps, device):
-    """t (B,) for the loss and the density ratio q(t) = p_uniform(t) / p(t) that keeps the loss
-    an unbiased estimate of eq. 7's uniform-t objective (1 for "uniform"). "importance" draws
-    log sigma(t) uniformly: since d log sigma^2 / dt = g^2 / std^2 for every linear SDE, its
-    density in t is proportional to g^2 / std^2, the likelihood weight (Song et al. 2021b).
-    "lognormal" draws log sigma ~ N(P_MEAN, P_STD^2) (Karras et al. 2022); it is not importance
-    sampling, and its weighting is set in dsm_loss."""
+def training_times(sde, batch, noise_sampling, eps, device, likelihood_weighting=False):
+    """t (B,) and each term's weight lambda(t) / std^2 / (p(t) / p_uniform(t)) (B,), unbiased for
+    eq. 7. "importance" draws log sigma(t) uniformly: its density in t is proportional to
+    d log sigma^2 / dt = g^2 / std^2, the likelihood weight, which it makes constant. "lognormal"
+    (Karras et al. 2022) draws log sigma ~ N(P_MEAN, P_STD^2), weighed by sigma^2 / SIGMA_DATA^2 + 1
+    instead (the network's target then has unit variance)."""
+    g2_over_var = lambda t: sde.sde(torch.zeros_like(t), t)[1] ** 2 / sde.std(t) ** 2
     if noise_sampling == "uniform":
         t = eps + (sde.T - eps) * torch.rand(batch, device=device)
-        return t, torch.ones_like(t)
+        return t, g2_over_var(t) if likelihood_weighting else torch.ones_like(t)
     u = torch.rand(batch, device=device, dtype=torch.float64)
     ends = sde.noise_level(torch.tensor([eps, sde.T], dtype=torch.float64, device=device))
     log_lo, log_hi = ends.log().tolist()
     if noise_sampling == "lognormal":
+        assert not likelihood_weighting, "lognormal noise sampling has its own weighting"
         sigma = torch.exp(P_MEAN + P_STD * torch.randn_like(u)).clamp(*ends.tolist())
         t = sde.time_at_noise_level(sigma).clamp(eps, sde.T).float()
-        return t, torch.ones_like(t)
-    sigma = torch.exp(log_lo + (log_hi - log_lo) * u)
-    t = sde.time_at_noise_level(sigma).clamp(eps, sde.T).float()
-    g, std = sde.sde(torch.zeros(batch, device=device), t)[1], sde.std(t)
-    density = g**2 / std**2 / (2 * (log_hi - log_lo))  # of t
-    return t, 1 / ((sde.T - eps) * density)
-
-
-def dsm_loss(net, sde, x, eps=1e-5, likelihood_weighting=False, labels=None,
-             noise_sampling="uniform"):  # fmt: skip
-    """E_t E_z lambda(t) / std^2 ||std s(x_t, t) + z||^2 (eq. 7), averaged over batch and
-    dimensions; ||std s + z||^2 = ||noise - z||^2. Default lambda = std^2. Likelihood weighting
-    lambda = g^2 (Song et al. 2021b) bounds the negative log-likelihood; with importance
-    sampling of t its weight is a constant. "lognormal" is EDM's recipe instead: sigma from
-    a log-normal and weight (sigma^2 + SIGMA_DATA^2) / SIGMA_DATA^2, which gives the network's
-    target (see predict_noise) unit variance at every noise level."""
-    check_noise_sampling(noise_sampling, likelihood_weighting)
-    t, ratio = training_times(sde, x.shape[0], noise_sampling, eps, x.device)  # (B,), (B,)
-    z = torch.randn_like(x)
-    mean, std = sde.marginal_prob(x, t)
-    noise = predict_noise(net, sde, mean + append_dims(std, x.ndim) * z, t, labels)
-    per_sample = (noise - z).pow(2).flatten(1).mean(1)  # (B,) = ||std s + z||^2 / D
-    if noise_sampling == "lognormal":
-        return (per_sample * (sde.noise_level(t) ** 2 / SIGMA_DATA**2 + 1)).mean()
-    weight = sde.sde(x, t)[1] ** 2 / std**2 if likelihood_weighting else torch.ones_like(std)
-    return (per_sample * weight * ratio).mean()
+        return t, sde.noise_level(t) ** 2 / SIGMA_DATA**2 + 1
+    assert noise_sampling == "importance", noise_sampling
+    t = sde.time_at_noise_level(torch.exp(log_lo + (log_hi - log_lo) * u)).clamp(eps, sde.T).float()
+    density = g2_over_var(t) / (2 * (log_hi - log_lo))  # of t
+    return t, (g2_over_var(t) if likelihood_weighting else 1) / ((sde.T - eps) * density)
 
 
 # ------------------------------------------------------------------------------------------------
-# Samplers. Each is one function sample_NAME(score_fn, sde, x, ts, *, generator, callback, project,
-# **options) that runs from x at ts[0] = T down the time grid ts to ts[-1] = eps and ends on a
-# noise-free estimate. `project(x, t)` (inpainting) overwrites known pixels after each step;
+# 4. Numerics: Dormand-Prince 5(4) (Dormand & Prince 1980), for the ODE sampler and the likelihood.
+# The 7th stage is at the new point (first same as last).
+
+DOPRI_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+DOPRI_A = (
+    (),
+    (1 / 5,),
+    (3 / 40, 9 / 40),
+    (44 / 45, -56 / 15, 32 / 9),
+    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
+)
+DOPRI_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
+DOPRI_ERR = tuple(b5 - b4 for b5, b4 in zip(DOPRI_A[6] + (0.0,), DOPRI_B4, strict=True))
+
+
+def dopri_step(rhs, t, y, k1, h):
+    """One Dormand-Prince step of size h: the 5th-order solution, its error estimate, the stages."""
+    ks = [k1]
+    for c, a in zip(DOPRI_C[1:], DOPRI_A[1:], strict=True):
+        y_stage = y + h * sum(a_j * k for a_j, k in zip(a, ks, strict=False) if a_j)
+        ks.append(rhs(t + c * h, y_stage))
+    error = h * sum(e * k for e, k in zip(DOPRI_ERR, ks, strict=True) if e)
+    return y_stage, error, ks  # the last stage is the 5th-order solution
+
+
+def solve_ode(rhs, y, t0, t1, rtol=1e-5, atol=1e-5, callback=None, max_steps=10_000):
+    """Integrate dy/dt = rhs(t, y) from t0 to t1 (either direction) with adaptive Dormand-Prince.
+    Error norm: RMS of err / (atol + rtol max(|y|, |y_new|)); step factor 0.9 err^(-1/5) in
+    [0.2, 10]. The first step size follows Hairer, Norsett & Wanner's rule of thumb. At most
+    max_steps steps (accepted or not), so nothing can hang."""
+    t, direction, accepted = t0, 1.0 if t1 > t0 else -1.0, 0
+    rms = lambda v: v.pow(2).mean().sqrt().item()
+    k1 = rhs(t, y)
+    d0, d1 = rms(y / (atol + rtol * y.abs())), rms(k1 / (atol + rtol * y.abs()))
+    h = 0.01 * d0 / d1 if min(d0, d1) > 1e-5 else 1e-6
+    for _ in range(max_steps):
+        if direction * (t1 - t) <= 1e-9:
+            return y
+        h = direction * min(abs(h), abs(t1 - t))
+        y_new, error, ks = dopri_step(rhs, t, y, k1, h)
+        err_norm = rms(error / (atol + rtol * torch.maximum(y.abs(), y_new.abs())))
+        if not math.isfinite(err_norm) or abs(h) < 1e-12:
+            problem = f"non-finite values or a vanishing step at t = {t:.4g}"
+            raise SGMError(f"the ODE solver met {problem} (rtol {rtol:g}, atol {atol:g})")
+        if err_norm <= 1.0:
+            t, y, k1, accepted = t + h, y_new, ks[-1], accepted + 1
+            if callback is not None:
+                callback(accepted, t, y)
+        h *= min(10.0, max(0.2, 0.9 * err_norm**-0.2)) if err_norm > 0 else 10.0
+    if direction * (t1 - t) <= 1e-9:
+        return y
+    raise SGMError(f"the ODE solver did not reach t = {t1:g} in {max_steps} steps (at t = {t:.4g},"
+                   f" rtol {rtol:g}, atol {atol:g}): loosen the tolerances?")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Samplers: sample_NAME(score_fn, sde, x, ts, *, generator, callback, **options) runs from x at
+# ts[0] = T down the time grid ts in len(ts) - 1 steps and ends on a noise-free estimate. Those that
+# can inpaint take `project(x, t)`, which overwrites the known pixels after each step.
 # `callback(info)` gets {"i", "t", "x", "denoised"} after each step.
 
 
 def time_grid(sde, steps, eps=1e-3, device=None):
-    """Uniform grid T = t_0 > ... > t_steps = eps, as in the paper."""
+    """The paper's uniform grid T = t_0 > ... > t_steps = eps."""
     return torch.linspace(sde.T, eps, steps + 1, device=device)
+
+
+def edm_time_grid(sde, steps, eps=1e-3, device=None, rho=7.0):
+    """Karras et al. 2022 (eq. 5): `steps` times from T to eps, uniform in sigma^(1/rho) (float64),
+    then t = 0, the data (zero noise)."""
+    s_max, s_min = sde.noise_level(torch.tensor([sde.T, eps], dtype=torch.float64)) ** (1 / rho)
+    sigmas = (s_max + torch.linspace(0, 1, steps, dtype=torch.float64) * (s_min - s_max)) ** rho
+    ts = torch.cat([sde.time_at_noise_level(sigmas), torch.zeros(1, dtype=torch.float64)])
+    return ts.float().to(device)
+
+
+def noise_levels(sde, ts):
+    """sigma(t) along a grid; t = 0 is the data itself, sigma = 0 (VE puts sigma_min there)."""
+    return torch.where(ts > 0, sde.noise_level(ts), torch.zeros_like(ts))
 
 
 def denoised(sde, x, t, score):
@@ -505,22 +499,8 @@ def report(callback, sde, i, t, x, score):
         callback({"i": i, "t": float(t[0]), "x": x, "denoised": denoised(sde, x, t, score)})
 
 
-def keep(x, project, t):
-    return x if project is None else project(x, t)
-
-
-def refuse_projection(project, solver):
-    """Deterministic solvers cannot inpaint: the known pixels must be re-noised at every step."""
-    if project is not None:
-        names = ", ".join(INPAINTING_SOLVERS)
-        raise SGMError(f"inpainting needs a solver that re-noises every step ({names}), "
-                       f"not {solver!r}")  # fmt: skip
-
-
 # Predictors: one step of the reverse process from t to t_next < t. Each returns the new x, its
 # noise-free mean and the score it used.
-
-
 def euler_maruyama_step(score_fn, sde, x, t, t_next, generator):
     """Euler-Maruyama on the reverse-time SDE (eq. 6): x_mean = x + [f - g^2 s] dt, dt < 0."""
     score = score_fn(x, t)
@@ -547,8 +527,6 @@ def ancestral_step(score_fn, sde, x, t, t_next, generator):
 
 
 # Correctors: one Langevin step at time t, x <- x + step s + sqrt(2 step) z, with different steps.
-
-
 def langevin_step(score_fn, sde, x, t, alpha, snr, generator):
     """Langevin corrector (Algorithms 4 and 5): step 2 alpha (r ||z|| / ||s||)^2, with the norms
     averaged over the batch as in the official code."""
@@ -584,8 +562,7 @@ def sample_pc(score_fn, sde, x, ts, *, generator=None, callback=None, project=No
     predictor mean. Without a predictor the corrector runs at t_1 ... t_N = eps instead."""
     predict, correct = PREDICTORS[predictor], CORRECTORS[corrector]
     corrector_steps = corrector_steps if correct else 0
-    if predict is None and corrector_steps == 0:
-        raise SGMError("no predictor and no corrector steps: nothing to sample with")
+    assert predict or corrector_steps, "no predictor and no corrector steps"
     for i in range(len(ts) - 1):
         t, t_next = ts[i].expand(x.shape[0]), ts[i + 1].expand(x.shape[0])
         alpha = sde.langevin_alpha(t, t_next)
@@ -594,40 +571,34 @@ def sample_pc(score_fn, sde, x, ts, *, generator=None, callback=None, project=No
             x_now = x
             x, x_mean, score = correct(score_fn, sde, x, ts[at].expand(x.shape[0]), alpha, snr,
                                        generator)  # fmt: skip
-            x = keep(x, project, ts[at])
+            x = x if project is None else project(x, ts[at])
         if predict:
             x_now = x
             x, x_mean, score = predict(score_fn, sde, x, t, t_next, generator)
-            x = keep(x, project, ts[i + 1])
+            x = x if project is None else project(x, ts[i + 1])
         report(callback, sde, i, ts[at].expand(x.shape[0]), x_now, score)
     return x_mean
 
 
 # The paper's other samplers are predictor-corrector with a fixed pair.
-
-
-@torch.no_grad()
 def sample_em(score_fn, sde, x, ts, *, generator=None, callback=None, project=None):
     """Euler-Maruyama on the reverse-time SDE (eq. 6): `pc` without a corrector."""
     options = dict(generator=generator, callback=callback, project=project)
     return sample_pc(score_fn, sde, x, ts, predictor="euler_maruyama", corrector="none", **options)
 
 
-@torch.no_grad()
 def sample_reverse_diffusion(score_fn, sde, x, ts, *, generator=None, callback=None, project=None):
     """Reverse-diffusion predictor (appendix E): `pc` without a corrector."""
     options = dict(generator=generator, callback=callback, project=project)
     return sample_pc(score_fn, sde, x, ts, corrector="none", **options)
 
 
-@torch.no_grad()
 def sample_ancestral(score_fn, sde, x, ts, *, generator=None, callback=None, project=None):
     """Ancestral sampling, SMLD for VE (appendix F), DDPM for VP: `pc` without a corrector."""
     options = dict(generator=generator, callback=callback, project=project)
     return sample_pc(score_fn, sde, x, ts, predictor="ancestral", corrector="none", **options)
 
 
-@torch.no_grad()
 def sample_ald(score_fn, sde, x, ts, *, generator=None, callback=None, project=None, snr=0.16,
                corrector_steps=1):  # fmt: skip
     """Annealed Langevin dynamics (Song & Ermon 2019): `pc` with the Langevin corrector alone."""
@@ -637,11 +608,8 @@ def sample_ald(score_fn, sde, x, ts, *, generator=None, callback=None, project=N
 
 
 @torch.no_grad()
-def sample_ode(
-    score_fn, sde, x, ts, *, generator=None, callback=None, project=None, rtol=1e-5, atol=1e-5
-):
-    """Probability-flow ODE (eq. 13) from ts[0] to ts[-1] with adaptive Dormand-Prince 5(4)."""
-    refuse_projection(project, "ode")
+def sample_ode(score_fn, sde, x, ts, *, generator=None, callback=None, rtol=1e-5, atol=1e-5):
+    """Probability-flow ODE (eq. 13) from ts[0] to ts[-1], adaptive Dormand-Prince 5(4)."""
     last = {}
 
     def rhs(t, x):
@@ -655,8 +623,106 @@ def sample_ode(
     return solve_ode(rhs, x, float(ts[0]), float(ts[-1]), rtol, atol, on_step)
 
 
+# Beyond the paper: few-step solvers on EDM's grid (Karras et al. 2022; Lu et al. 2022). They work
+# in x_hat = x / a(t) and the noise level sigma = std / a, where every SDE's x_hat is the data plus
+# noise of std sigma, and dx_hat / dsigma = -sigma a s(x, t) is its probability flow.
+@torch.no_grad()
+def sample_edm(score_fn, sde, x, ts, *, generator=None, callback=None, s_churn=20.0,
+               s_tmin=0.05, s_tmax=50.0, s_noise=1.0):  # fmt: skip
+    """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2): churn raises sigma_i by 1 + gamma
+    with gamma = min(s_churn / N, sqrt 2 - 1) in [s_tmin, s_tmax], never above sigma(T); then Heun's
+    step to sigma_(i+1), Euler into sigma = 0 (Tweedie). NFE = 2 (len(ts) - 1) - 1."""
+    sigmas, steps = noise_levels(sde, ts), len(ts) - 1
+    gamma_max = min(s_churn / steps, math.sqrt(2) - 1)
+
+    def slope(x_hat, t, sigma):  # dx_hat / dsigma
+        t = t.expand(x_hat.shape[0])
+        a = append_dims(sde.mean_scale(t), x_hat.ndim)
+        score = score_fn(a * x_hat, t)
+        return -sigma * a * score, a, score
+
+    x_hat = x / sde.mean_scale(ts[0])
+    for i in range(steps):
+        gamma = gamma_max if s_tmin <= sigmas[i] <= s_tmax else 0.0
+        gamma = min(gamma, float(sigmas[0] / sigmas[i]) - 1)  # times stay within [eps, T]
+        t, sigma = ts[i], sigmas[i]
+        if gamma > 0:  # lines 4-6: raise the noise level from sigma_i to sigma (1 + gamma)
+            sigma = sigmas[i] * (1 + gamma)
+            noise = (sigma**2 - sigmas[i] ** 2).sqrt() * s_noise * randn_like(x_hat, generator)
+            x_hat, t = x_hat + noise, sde.time_at_noise_level(sigma)
+        d, a, score = slope(x_hat, t, sigma)
+        x_next = x_hat + (sigmas[i + 1] - sigma) * d
+        if sigmas[i + 1] > 0:  # Heun's correction, except on the step into sigma = 0
+            d_next = slope(x_next, ts[i + 1], sigmas[i + 1])[0]
+            x_next = x_hat + (sigmas[i + 1] - sigma) * 0.5 * (d + d_next)
+        report(callback, sde, i, t.expand(x.shape[0]), a * x_hat, score)
+        x_hat = x_next
+    return x_hat
+
+
+def sample_heun(score_fn, sde, x, ts, *, generator=None, callback=None):
+    """Heun's method on the probability flow (Karras et al. 2022, Algorithm 1): edm, no churn."""
+    return sample_edm(score_fn, sde, x, ts, generator=generator, callback=callback, s_churn=0.0)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(score_fn, sde, x, ts, *, generator=None, callback=None, eta=1.0,
+                        s_noise=1.0):  # fmt: skip
+    """DPM-Solver++(2M) SDE (k-diffusion's, midpoint form), in lambda = -log sigma, h = lambda_(i+1)
+    - lambda_i and the data prediction D: x_hat <- (sigma_(i+1) / sigma_i) e^(-eta h) x_hat +
+    (1 - e^(-(1 + eta) h)) D' + sigma_(i+1) sqrt(1 - e^(-2 eta h)) z, D' = D + (D - D_prev) / 2r,
+    r = h_prev / h. eta = 0 is DPM-Solver++(2M). Returns D at sigma = 0. NFE = len(ts) - 1."""
+    sigmas = noise_levels(sde, ts)
+    x_hat, previous, h_previous = x / sde.mean_scale(ts[0]), None, None
+    for i in range(len(ts) - 1):
+        t = ts[i].expand(x.shape[0])
+        x_now = sde.mean_scale(ts[i]) * x_hat
+        score = score_fn(x_now, t)
+        report(callback, sde, i, t, x_now, score)
+        data = denoised(sde, x_now, t, score)  # D(x_hat; sigma_i)
+        if sigmas[i + 1] == 0:
+            return data
+        h = torch.log(sigmas[i] / sigmas[i + 1])
+        correction = 0 if previous is None else (data - previous) / (2 * h_previous / h)
+        decay = (sigmas[i + 1] / sigmas[i]) * torch.exp(-eta * h)
+        weight = -torch.expm1(-(1 + eta) * h)  # 1 - e^(-(1 + eta) h), accurate for small h
+        x_hat = decay * x_hat + weight * (data + correction)
+        if eta:
+            noise_std = sigmas[i + 1] * (-torch.expm1(-2 * eta * h)).sqrt() * s_noise
+            x_hat = x_hat + noise_std * randn_like(x_hat, generator)
+        previous, h_previous = data, h
+    return sde.mean_scale(ts[-1]) * x_hat
+
+
+def sample_dpmpp_2m(score_fn, sde, x, ts, *, generator=None, callback=None):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) on the probability flow: eta = 0 above."""
+    return sample_dpmpp_2m_sde(score_fn, sde, x, ts, generator=generator, callback=callback, eta=0)
+
+
 # ------------------------------------------------------------------------------------------------
-# Likelihood (appendix D.2) and latent codes
+# 6. The solver table and `sample`; inpainting (appendix I.2) and guidance (eq. 14)
+
+
+class Solver(NamedTuple):
+    sample: Callable  # sample_NAME(score_fn, sde, x, ts, *, generator, callback, **options)
+    steps: int  # the default number of steps; NFE in the README's solver table
+    grid: Callable  # grid(sde, steps, eps, device) -> steps + 1 times, T down to the final time
+    inpaints: bool  # takes `project`: re-noises every step, so it can inpaint
+
+
+SOLVERS = {
+    "em": Solver(sample_em, 1000, time_grid, True),
+    "reverse_diffusion": Solver(sample_reverse_diffusion, 1000, time_grid, True),
+    "ancestral": Solver(sample_ancestral, 1000, time_grid, True),
+    "pc": Solver(sample_pc, 1000, time_grid, True),  # 2 NFE per step
+    "ald": Solver(sample_ald, 1000, time_grid, True),
+    "ode": Solver(sample_ode, 1, time_grid, False),  # adaptive: only the grid's ends matter
+    "heun": Solver(sample_heun, 18, edm_time_grid, False),  # 2 x steps - 1 = 35 NFE
+    "edm": Solver(sample_edm, 18, edm_time_grid, False),
+    "dpmpp_2m": Solver(sample_dpmpp_2m, 20, edm_time_grid, False),  # NFE = steps
+    "dpmpp_2m_sde": Solver(sample_dpmpp_2m_sde, 20, edm_time_grid, False),
+}
+INPAINTING_SOLVERS = tuple(name for name, solver in SOLVERS.items() if solver.inpaints)
 
 
 class CountedScore:
@@ -670,25 +736,79 @@ class CountedScore:
         return self.score_fn(x, t)
 
 
+def replace_known(sde, known, mask, generator=None):
+    """Imputation (appendix I.2): known coordinates (mask == 1) of x(t) become a(t) y + std(t) z,
+    from the first step on (the official code starts them clean)."""
+
+    def project(x, t):
+        t = torch.full((x.shape[0],), float(t), device=x.device)
+        mean, std = sde.marginal_prob(known, t)
+        return mask * (mean + append_dims(std, x.ndim) * randn_like(x, generator)) + (1 - mask) * x
+
+    return project
+
+
+def sample(score_fn, sde, shape, solver="pc", steps=None, *, eps=1e-3, generator=None,
+           device=None, callback=None, x_T=None, known=None, mask=None, **options):  # fmt: skip
+    """Samples of `shape`, solving the reverse process from T to eps, and the NFE. options: the
+    solver's keyword arguments (a wrong one is a TypeError). x_T: start here, not at a prior draw
+    (decoding). known, mask: inpainting, see `inpaint`."""
+    spec = SOLVERS[solver]
+    counted = CountedScore(score_fn)
+    x = sde.prior_sampling(shape, generator, device) if x_T is None else x_T
+    ts = spec.grid(sde, spec.steps if steps is None else steps, eps, device=x.device)
+    assert len(ts) > 1, f"at least one step, not {steps}"
+    if known is not None:  # only solvers that re-noise every step take `project`
+        options["project"] = replace_known(sde, known, mask, generator)
+        x = options["project"](x, ts[0])
+    x = spec.sample(counted, sde, x, ts, generator=generator, callback=callback, **options)
+    if known is not None:
+        x = mask * known + (1 - mask) * x
+    if not torch.isfinite(x).all():  # NaN would be written as black pixels without a word
+        raise SGMError(f"{solver} produced non-finite values: the model or the settings diverge")
+    return x, counted.nfe
+
+
+def inpaint(score_fn, sde, known, mask, solver="pc", steps=None, **kwargs):
+    """Fill in the pixels where mask == 0, given `known` (B, ...) where mask == 1. -> (x, nfe)"""
+    kwargs.setdefault("device", known.device)
+    return sample(score_fn, sde, known.shape, solver, steps, known=known, mask=mask, **kwargs)
+
+
+def guided_score(score, labels, w):
+    """Classifier-free guidance (Ho & Salimans 2022): (1 + w) s(x, t, y) - w s(x, t, none). Eq. 14
+    adds grad log p_t(y | x) of a classifier; s(x, t, y) - s(x, t, none) is that of the implicit
+    classifier (Bayes), so this is eq. 14 with its classifier term scaled by 1 + w."""
+
+    def score_fn(x, t):
+        if w == 0:
+            return score(x, t, labels)
+        none = torch.full_like(labels, -1)
+        both = score(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, none]))
+        cond, uncond = both.chunk(2)
+        return (1 + w) * cond - w * uncond
+
+    return score_fn
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. Likelihood (appendix D.2) and latent codes (section 4.3)
+
+
 def divergence(drift, x, probe=None):
     """div drift (B,) with respect to x: exact (one backward pass per dimension) without a probe,
     else the Skilling-Hutchinson estimate v^T (d drift / dx) v."""
     if probe is not None:
         return (torch.autograd.grad((drift * probe).sum(), x)[0] * probe).flatten(1).sum(1)
-    flat = drift.flatten(1)
-    grads = [
-        torch.autograd.grad(flat[:, k].sum(), x, retain_graph=True)[0] for k in range(x[0].numel())
-    ]
-    return sum(grad.flatten(1)[:, k] for k, grad in enumerate(grads))
+    rows = [torch.autograd.grad(d.sum(), x, retain_graph=True)[0] for d in drift.flatten(1).T]
+    return sum(row.flatten(1)[:, k] for k, row in enumerate(rows))  # the Jacobian's diagonal
 
 
-def log_likelihood(
-    score_fn, sde, x, *, eps=1e-5, rtol=1e-5, atol=1e-5, exact_trace=False, generator=None
-):
-    """log p_eps(x) in nats per sample (B,), and the NFE: integrate the probability-flow ODE from
-    eps to T with d(log p)/dt = -div f~, so log p_eps(x) = log p_T(x(T)) + int_eps^T div f~ dt. The
-    divergence is estimated with one Rademacher probe per sample fixed along the trajectory, or
-    computed exactly with exact_trace."""
+def log_likelihood(score_fn, sde, x, *, eps=1e-5, rtol=1e-5, atol=1e-5, exact_trace=False,
+                   generator=None):  # fmt: skip
+    """log p_eps(x) (B,) in nats, and the NFE: the probability-flow ODE from eps to T with
+    d(log p)/dt = -div f~, so log p_eps(x) = log p_T(x(T)) + int div f~ dt. div f~ is estimated with
+    one Rademacher probe per sample, fixed along the path, or exact with exact_trace."""
     shape, D = x.shape, x[0].numel()
     probe = torch.randint(0, 2, shape, generator=generator, device=x.device).to(x.dtype) * 2 - 1
     counted = CountedScore(score_fn)
@@ -707,11 +827,9 @@ def log_likelihood(
 
 
 def bits_per_dim(score_fn, sde, images, data_range=(-1.0, 1.0), *, generator=None, **kwargs):
-    """Bits/dim of 8-bit images (B, ...) in {0..255}, and the NFE. Uniform dequantization
-    u = (y + U(0,1)) / 256 turns the discrete data into a density on [0, 1]^D; the model sees
-    x = c u + d with c = hi - lo, so log p(u) = log p(x) + D ln c and
-    bpd = [-log p(x) - D ln c] / (D ln 2) + 8 (the +8 is log2 256 per dim: the dequantization bin
-    has volume 256^-D). Without dequantization bits/dim is meaningless."""
+    """Bits/dim of 8-bit images (B, ...), and the NFE. Dequantized, u = (y + U(0,1)) / 256 has a
+    density on [0, 1]^D; the model sees x = c u + d, c = hi - lo, so log p(u) = log p(x) + D ln c
+    and bpd = [-log p(x) - D ln c] / (D ln 2) + 8 (a bin has volume 256^-D)."""
     lo, hi = data_range
     u = (images.float() + torch.rand(images.shape, generator=generator, device=images.device)) / 256
     logp, nfe = log_likelihood(score_fn, sde, lo + (hi - lo) * u, generator=generator, **kwargs)
@@ -722,361 +840,11 @@ def bits_per_dim(score_fn, sde, images, data_range=(-1.0, 1.0), *, generator=Non
 def encode(score_fn, sde, x, *, eps=1e-3, rtol=1e-5, atol=1e-5):
     """Data -> latent x(T) through the probability-flow ODE, run forwards. Returns (z, nfe)."""
     counted = CountedScore(score_fn)
-    ends = torch.tensor([eps, sde.T])
-    return sample_ode(counted, sde, x, ends, rtol=rtol, atol=atol), counted.nfe
+    return sample_ode(
+        counted, sde, x, torch.tensor([eps, sde.T]), rtol=rtol, atol=atol
+    ), counted.nfe
 
 
 def decode(score_fn, sde, z, *, eps=1e-3, rtol=1e-5, atol=1e-5):
     """Latent -> data: the ODE sampler started from z. Returns (x, nfe)."""
     return sample(score_fn, sde, z.shape, "ode", eps=eps, rtol=rtol, atol=atol, x_T=z)
-
-
-def slerp(z_a, z_b, weight):
-    """Spherical interpolation between latents (B, ...), weight in [0, 1]."""
-    a, b = z_a.flatten(1), z_b.flatten(1)
-    cosine = (F.normalize(a, dim=1) * F.normalize(b, dim=1)).sum(1, keepdim=True)  # (B, 1)
-    omega = torch.arccos(cosine.clamp(-1, 1))
-    sin_omega = omega.sin().clamp_min(1e-8)
-    arc = (((1 - weight) * omega).sin() * a + (weight * omega).sin() * b) / sin_omega
-    line = (1 - weight) * a + weight * b  # for (nearly) parallel latents
-    return torch.where(sin_omega > 1e-6, arc, line).reshape(z_a.shape)
-
-
-def interpolate(score_fn, sde, x_a, x_b, n=8, **kwargs):
-    """n images (n, ...) morphing x_a (1, ...) into x_b along spherical interpolation of their ODE
-    latents, and the NFE per image."""
-    z, nfe_encode = encode(score_fn, sde, torch.cat([x_a, x_b]), **kwargs)
-    weights = torch.linspace(0, 1, n, device=z.device)
-    latents = torch.cat([slerp(z[:1], z[1:], float(w)) for w in weights])
-    x, nfe_decode = decode(score_fn, sde, latents, **kwargs)
-    return x, nfe_encode + nfe_decode
-
-
-# ------------------------------------------------------------------------------------------------
-# Controllable generation: inpainting (appendix I.2). Class conditions: see guided_score below.
-
-
-def replace_known(sde, known, mask, generator=None):
-    """Imputation (appendix I.2): overwrite the known coordinates (mask == 1) of x(t) with the data
-    noised to time t, a(t) y + std(t) z, from the very first step (the official code starts them
-    clean)."""
-
-    def project(x, t):
-        t = torch.full((x.shape[0],), float(t), device=x.device)
-        mean, std = sde.marginal_prob(known, t)
-        return mask * (mean + append_dims(std, x.ndim) * randn_like(x, generator)) + (1 - mask) * x
-
-    return project
-
-
-def inpaint(score_fn, sde, known, mask, solver="pc", steps=None, **kwargs):
-    """Fill in the pixels where mask == 0, given `known` (B, ...) where mask == 1. -> (x, nfe)"""
-    kwargs.setdefault("device", known.device)
-    return sample(score_fn, sde, known.shape, solver, steps, known=known, mask=mask, **kwargs)
-
-
-# ------------------------------------------------------------------------------------------------
-# Numerics: Dormand-Prince 5(4) (Dormand & Prince 1980), for the ODE sampler and the likelihood.
-# The 7th stage is at the new point (first same as last).
-
-DOPRI_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
-DOPRI_A = (
-    (),
-    (1 / 5,),
-    (3 / 40, 9 / 40),
-    (44 / 45, -56 / 15, 32 / 9),
-    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
-)
-DOPRI_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
-DOPRI_ERR = tuple(b5 - b4 for b5, b4 in zip(DOPRI_A[6] + (0.0,), DOPRI_B4, strict=True))
-
-
-def rms(x):
-    return x.pow(2).mean().sqrt().item()
-
-
-def dopri_step(rhs, t, y, k1, h):
-    """One Dormand-Prince step of size h: the 5th-order solution, its error estimate, the stages."""
-    ks = [k1]
-    for c, a in zip(DOPRI_C[1:], DOPRI_A[1:], strict=True):
-        y_stage = y + h * sum(a_j * k for a_j, k in zip(a, ks, strict=False) if a_j)
-        ks.append(rhs(t + c * h, y_stage))
-    error = h * sum(e * k for e, k in zip(DOPRI_ERR, ks, strict=True) if e)
-    return y_stage, error, ks  # the last stage is the 5th-order solution
-
-
-def solve_ode(rhs, y, t0, t1, rtol=1e-5, atol=1e-5, callback=None, max_steps=10_000):
-    """Integrate dy/dt = rhs(t, y) from t0 to t1 (either direction) with adaptive Dormand-Prince.
-    Error norm: RMS of err / (atol + rtol max(|y|, |y_new|)); step factor 0.9 err^(-1/5) in
-    [0.2, 10]. The first step size follows Hairer, Norsett & Wanner's rule of thumb. At most
-    max_steps steps (accepted or not), so nothing can hang; rtol and atol must be in [1e-12, 1]."""
-    check_number("rtol", rtol, 1e-12, 1.0)
-    check_number("atol", atol, 1e-12, 1.0)
-    t, direction = t0, 1.0 if t1 > t0 else -1.0
-    k1 = rhs(t, y)
-    scale = atol + rtol * y.abs()
-    d0, d1 = rms(y / scale), rms(k1 / scale)
-    h = 0.01 * d0 / d1 if min(d0, d1) > 1e-5 else 1e-6
-    accepted = 0
-    for _ in range(max_steps):
-        if direction * (t1 - t) <= 1e-9:
-            return y
-        h = direction * min(abs(h), abs(t1 - t))
-        y_new, error, ks = dopri_step(rhs, t, y, k1, h)
-        err_norm = rms(error / (atol + rtol * torch.maximum(y.abs(), y_new.abs())))
-        if not math.isfinite(err_norm) or abs(h) < 1e-12:
-            raise SGMError(
-                f"the ODE solver met non-finite values or a vanishing step at t = {t:.4g} "
-                f"(rtol {rtol:g}, atol {atol:g}): tolerances too tight, or the model diverges"
-            )
-        if err_norm <= 1.0:
-            t, y, k1, accepted = t + h, y_new, ks[-1], accepted + 1
-            if callback is not None:
-                callback(accepted, t, y)
-        h *= min(10.0, max(0.2, 0.9 * err_norm**-0.2)) if err_norm > 0 else 10.0
-    if direction * (t1 - t) <= 1e-9:
-        return y
-    raise SGMError(
-        f"the ODE solver did not reach t = {t1:g} in {max_steps} steps (at t = {t:.4g}, rtol "
-        f"{rtol:g}, atol {atol:g}): loosen the tolerances, or the model may be broken"
-    )
-
-
-# ------------------------------------------------------------------------------------------------
-# Beyond the paper, 1: EDM's preconditioning (Karras et al. 2022, section 5)
-
-SIGMA_DATA = 0.5  # rough std of the scaled data, for the preconditioning below
-
-
-def predict_noise(net, sde, x, t, labels=None):
-    """The noise estimate for x(t) = a x(0) + std z, with two fixed, SDE-agnostic preconditionings:
-    the input is scaled to about unit variance by c_in = 1 / sqrt(a^2 sigma_data^2 + std^2), and the
-    network predicts the residual of the best linear estimate E[z | x(t)] = std c_in^2 x(t) for data
-    of std sigma_data. At high noise (a -> 0) that estimate is nearly exact, so the network's errors
-    are not blown up by std / a."""
-    a, std = sde.mean_scale(t), sde.std(t)
-    c_in = append_dims((a**2 * SIGMA_DATA**2 + std**2).rsqrt(), x.ndim)
-    return append_dims(std, x.ndim) * c_in**2 * x + net(x * c_in, t, labels)
-
-
-# ------------------------------------------------------------------------------------------------
-# Beyond the paper, 2: few-step solvers on EDM's noise grid (Karras et al. 2022; Lu et al. 2022).
-# They work in x_hat = x / a(t) and the noise level sigma = std / a, where every SDE's x_hat is the
-# data plus noise of std sigma, and dx_hat / dsigma = -sigma a s(x, t) is its probability flow.
-
-
-def edm_time_grid(sde, steps, eps=1e-3, device=None, rho=7.0):
-    """Karras et al. 2022 (eq. 5): `steps` times from T to eps whose noise levels are spaced
-    uniformly in sigma^(1/rho), computed in float64."""
-    ends = torch.tensor([sde.T, eps], dtype=torch.float64)
-    sigma_max, sigma_min = sde.noise_level(ends).tolist()
-    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-    sigmas = (
-        sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))
-    ) ** rho
-    return sde.time_at_noise_level(sigmas).float().to(device)
-
-
-def churn(sde, x_hat, t, sigma, gamma, s_noise, generator):
-    """Algorithm 2, lines 4-6: add noise that raises the noise level from sigma to
-    sigma (1 + gamma). Returns the new x_hat, time and noise level."""
-    if gamma == 0:
-        return x_hat, t, sigma
-    sigma_hat = sigma * (1 + gamma)
-    x_hat = x_hat + (sigma_hat**2 - sigma**2).sqrt() * s_noise * randn_like(x_hat, generator)
-    return x_hat, sde.time_at_noise_level(sigma_hat), sigma_hat
-
-
-@torch.no_grad()
-def sample_edm(score_fn, sde, x, ts, *, generator=None, callback=None, project=None, s_churn=20.0,
-               s_tmin=0.05, s_tmax=50.0, s_noise=1.0):  # fmt: skip
-    """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2): before each step, churn raises
-    sigma_i by a factor 1 + gamma, gamma = min(s_churn / N, sqrt 2 - 1) for sigma_i in
-    [s_tmin, s_tmax] but never above sigma(T); then Heun's step to sigma_(i+1). After ts[-1], an
-    Euler step to sigma = 0 (a Tweedie denoising). NFE = 2 len(ts) - 1."""
-    refuse_projection(project, "edm" if s_churn else "heun")
-    sigmas = torch.cat([sde.noise_level(ts), ts.new_zeros(1)])
-    gamma_max = min(s_churn / len(ts), math.sqrt(2) - 1)
-
-    def slope(x_hat, t, sigma):  # dx_hat / dsigma
-        t = t.expand(x_hat.shape[0])
-        a = append_dims(sde.mean_scale(t), x_hat.ndim)
-        score = score_fn(a * x_hat, t)
-        return -sigma * a * score, a, score
-
-    x_hat = x / sde.mean_scale(ts[0])
-    for i in range(len(ts)):
-        gamma = gamma_max if s_tmin <= sigmas[i] <= s_tmax else 0.0
-        gamma = min(gamma, float(sigmas[0] / sigmas[i]) - 1)  # times stay within [eps, T]
-        x_hat, t, sigma = churn(sde, x_hat, ts[i], sigmas[i], gamma, s_noise, generator)
-        d, a, score = slope(x_hat, t, sigma)
-        x_next = x_hat + (sigmas[i + 1] - sigma) * d
-        if i + 1 < len(ts):  # Heun's correction, except on the step into sigma = 0
-            d_next = slope(x_next, ts[i + 1], sigmas[i + 1])[0]
-            x_next = x_hat + (sigmas[i + 1] - sigma) * 0.5 * (d + d_next)
-        report(callback, sde, i, t.expand(x.shape[0]), a * x_hat, score)
-        x_hat = x_next
-    return x_hat
-
-
-@torch.no_grad()
-def sample_heun(score_fn, sde, x, ts, *, generator=None, callback=None, project=None):
-    """Heun's 2nd-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1):
-    `edm` without churn. NFE = 2 len(ts) - 1."""
-    options = dict(generator=generator, callback=callback, project=project)
-    return sample_edm(score_fn, sde, x, ts, s_churn=0.0, **options)
-
-
-@torch.no_grad()
-def sample_dpmpp_2m_sde(score_fn, sde, x, ts, *, generator=None, callback=None, project=None,
-                        eta=1.0, s_noise=1.0):  # fmt: skip
-    """DPM-Solver++(2M) SDE (k-diffusion's `sample_dpmpp_2m_sde`, midpoint form): in lambda =
-    -log sigma and the data prediction D, with h = lambda_(i+1) - lambda_i,
-    x_hat <- (sigma_(i+1) / sigma_i) e^(-eta h) x_hat + (1 - e^(-(1 + eta) h)) D' + noise of std
-    sigma_(i+1) sqrt(1 - e^(-2 eta h)), where D' = D + (D - D_prev) / 2r, r = h_prev / h, is the
-    second-order (multistep) estimate. eta = 0 is DPM-Solver++(2M). After ts[-1] the result is D.
-    NFE = len(ts)."""
-    refuse_projection(project, "dpmpp_2m_sde" if eta else "dpmpp_2m")
-    sigmas = sde.noise_level(ts)
-    x_hat, previous, h_previous = x / sde.mean_scale(ts[0]), None, None
-    for i in range(len(ts)):
-        t = ts[i].expand(x.shape[0])
-        x_now = sde.mean_scale(ts[i]) * x_hat
-        score = score_fn(x_now, t)
-        report(callback, sde, i, t, x_now, score)
-        data = denoised(sde, x_now, t, score)  # D(x_hat; sigma_i)
-        if i + 1 == len(ts):
-            return data
-        h = torch.log(sigmas[i] / sigmas[i + 1])
-        correction = 0 if previous is None else (data - previous) / (2 * h_previous / h)
-        decay = (sigmas[i + 1] / sigmas[i]) * torch.exp(-eta * h)
-        weight = -torch.expm1(-(1 + eta) * h)  # 1 - e^(-(1 + eta) h), accurate for small h
-        x_hat = decay * x_hat + weight * (data + correction)
-        if eta:
-            noise_std = sigmas[i + 1] * (-torch.expm1(-2 * eta * h)).sqrt() * s_noise
-            x_hat = x_hat + noise_std * randn_like(x_hat, generator)
-        previous, h_previous = data, h
-
-
-@torch.no_grad()
-def sample_dpmpp_2m(score_fn, sde, x, ts, *, generator=None, callback=None, project=None):
-    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): multistep, second order, on the
-    probability-flow ODE; `dpmpp_2m_sde` with eta = 0. NFE = len(ts)."""
-    options = dict(generator=generator, callback=callback, project=project)
-    return sample_dpmpp_2m_sde(score_fn, sde, x, ts, eta=0.0, **options)
-
-
-# ------------------------------------------------------------------------------------------------
-# Beyond the paper, 3: classifier-free guidance (Ho & Salimans 2022)
-
-
-def guided_score(score, labels, w):
-    """(1 + w) s(x, t, y) - w s(x, t, none), for `score(x, t, labels)` trained with dropped labels.
-    The paper's eq. 14 adds grad log p_t(y | x) of a separate classifier; by Bayes,
-    s(x, t, y) - s(x, t, none) is that gradient for the implicit classifier, so this is eq. 14 with
-    the classifier term scaled by (1 + w). w = 0 is plain conditional sampling."""
-    check_number("the guidance weight", w, 0, 1e3)
-
-    def score_fn(x, t):
-        if w == 0:
-            return score(x, t, labels)
-        none = torch.full_like(labels, -1)
-        both = score(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, none]))
-        cond, uncond = both.chunk(2)
-        return (1 + w) * cond - w * uncond
-
-    return score_fn
-
-
-# ------------------------------------------------------------------------------------------------
-# The solver table and `sample`
-
-
-class Solver(NamedTuple):
-    sample: (
-        Callable  # sample_NAME(score_fn, sde, x, ts, *, generator, callback, project, **options)
-    )
-    steps: int  # default number of steps
-    grid: Callable  # grid(sde, steps, eps, device) -> times from T down to eps
-    inpaints: bool  # re-noises every step, so it can inpaint (see `replace_known`)
-
-
-SOLVERS = {
-    "em": Solver(sample_em, 1000, time_grid, True),
-    "reverse_diffusion": Solver(sample_reverse_diffusion, 1000, time_grid, True),
-    "ancestral": Solver(sample_ancestral, 1000, time_grid, True),
-    "pc": Solver(sample_pc, 1000, time_grid, True),
-    "ald": Solver(sample_ald, 1000, time_grid, True),
-    "ode": Solver(sample_ode, 1, time_grid, False),  # adaptive: only the grid's ends matter
-    "heun": Solver(sample_heun, 18, edm_time_grid, False),  # 2 x steps - 1 = 35 NFE
-    "edm": Solver(sample_edm, 18, edm_time_grid, False),
-    "dpmpp_2m": Solver(sample_dpmpp_2m, 20, edm_time_grid, False),  # NFE = steps
-    "dpmpp_2m_sde": Solver(sample_dpmpp_2m_sde, 20, edm_time_grid, False),
-}
-INPAINTING_SOLVERS = tuple(name for name, solver in SOLVERS.items() if solver.inpaints)
-# (low, high[, low excluded]) of each solver option, checked before any work starts
-OPTION_RANGES = {"snr": (0, 100, True), "corrector_steps": (0, 1000), "rtol": (1e-12, 1),
-                 "atol": (1e-12, 1), "s_churn": (0, 1e3), "s_tmin": (0, 1e6), "s_tmax": (0, 1e6),
-                 "s_noise": (0, 2), "eta": (0, 1)}  # fmt: skip
-OPTION_CHOICES = {"predictor": PREDICTORS, "corrector": CORRECTORS}
-
-
-def solver_options(solver):
-    """The options a solver takes beyond the common signature, with their defaults."""
-    params = inspect.signature(SOLVERS[solver].sample).parameters.values()
-    common = ("score_fn", "sde", "x", "ts", "generator", "callback", "project")
-    return {p.name: p.default for p in params if p.name not in common}
-
-
-def check_options(options, flags=False):
-    """Refuse an unknown choice or an out-of-range number among solver options with one line,
-    before any work starts. flags: name them as the scripts do (s_churn as --s-churn)."""
-    for key, value in options.items():
-        name = "--" + key.replace("_", "-") if flags else key
-        if key in OPTION_CHOICES and value not in OPTION_CHOICES[key]:
-            choices = ", ".join(OPTION_CHOICES[key])
-            raise SGMError(f"unknown {name} {value!r}; choose one of {choices}")
-        if key in OPTION_RANGES:
-            check_number(name, value, *OPTION_RANGES[key])
-    if "corrector_steps" in options and not isinstance(options["corrector_steps"], int):
-        raise SGMError(
-            f"corrector_steps must be a whole number, not {options['corrector_steps']!r}"
-        )
-    if options.get("s_tmin", 0) > options.get("s_tmax", math.inf):
-        raise SGMError("s_tmin is above s_tmax: edm would never churn (use heun for that)")
-    no_corrector = options.get("corrector") == "none" or options.get("corrector_steps") == 0
-    if options.get("predictor", "none") == "none" and "corrector_steps" in options and no_corrector:
-        raise SGMError("no predictor and no corrector steps: nothing to sample with")
-
-
-def sample(score_fn, sde, shape, solver="pc", steps=None, *, eps=1e-3, generator=None,
-           device=None, callback=None, x_T=None, known=None, mask=None, **options):  # fmt: skip
-    """Draw samples of `shape` by solving the reverse process from T to eps. Returns (x, nfe).
-
-    steps: the solver's default if None. options: the solver's own (`solver_options`); those it
-    does not take are ignored, so one call can serve every solver.
-    x_T: start here instead of a prior draw (decoding). known, mask: inpainting, see `inpaint`."""
-    if solver not in SOLVERS:
-        raise SGMError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    spec = SOLVERS[solver]
-    steps = spec.steps if steps is None else steps
-    if not isinstance(steps, int) or steps < 1:
-        raise SGMError(f"steps must be a whole number, at least 1, not {steps!r}")
-    check_number("eps", eps, 0, sde.T / 2, low_open=True)
-    own = {k: v for k, v in options.items() if k in solver_options(solver)}
-    check_options({**solver_options(solver), **own})
-    counted = CountedScore(score_fn)
-    x = sde.prior_sampling(shape, generator, device) if x_T is None else x_T
-    project = None if known is None else replace_known(sde, known, mask, generator)
-    x = keep(x, project, sde.T)
-    ts = spec.grid(sde, steps, eps, device=x.device)
-    x = spec.sample(
-        counted, sde, x, ts, generator=generator, callback=callback, project=project, **own
-    )
-    if known is not None:
-        x = mask * known + (1 - mask) * x
-    if not torch.isfinite(x).all():  # NaN would be written as black pixels without a word
-        raise SGMError(f"{solver} produced non-finite values: the model or the settings diverge")
-    return x, counted.nfe

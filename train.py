@@ -14,7 +14,6 @@ restores it.
 
 import copy
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -36,7 +35,7 @@ import sgm
 
 console = Console(stderr=True, soft_wrap=True)
 RESUMABLE = ("steps", "log_every", "sample_every", "ckpt_every")  # may change on --resume
-GRID_STEPS = 18  # Heun steps for the sample grids: 35 NFE
+GRID_STEPS = sgm.SOLVERS["heun"].steps  # the sample grids: Heun, 35 NFE
 CALIBRATION = 5  # --minutes: the speed is timed from this step on (the first ones are slow)
 
 
@@ -100,49 +99,58 @@ def build_config(ctx, flags, stored=None):
     return dataclasses.replace(stored, **{k: v for k, v in given.items() if k in RESUMABLE})
 
 
+RUN_FILE = re.compile(r"ckpt\.pt|log\.jsonl|samples_\d{7}\.png|snapshot_[0-9.e+-]+min\.pt")
+
+
+def run_files(out):
+    """The files in `out` with the names train.py gives a run's files."""
+    names = os.listdir(out) if os.path.isdir(out) else []
+    return sorted(os.path.join(out, name) for name in names if RUN_FILE.fullmatch(name))
+
+
 def check_run_folder(out, resume, overwrite):
-    """Before any work: a run in --out is never replaced silently, and --out can be written.
-    Nothing is created or removed yet (see start_run_folder)."""
-    ckpt_path = os.path.join(out, "ckpt.pt")
+    """Before any work: --out can be written, and a new run replaces no file silently. Files with
+    a run's names are replaced only with --overwrite, and only when the folder verifiably holds a
+    run (each of its ckpt.pt and snapshots loads as an sgm checkpoint); no other file is ever
+    touched. Nothing is created or removed yet (see start_run_folder)."""
     if os.path.isfile(out):
         raise click.ClickException(f"--out {out} is a file, not a folder")
-    data.check_writable(ckpt_path)
-    if snapshot_files(out) and not os.path.exists(ckpt_path) and not overwrite:
-        raise click.ClickException(
-            f"{out} holds snapshots of a run: use --out for a new run, or --overwrite to replace "
-            "them"
-        )
-    if os.path.exists(ckpt_path) and not resume and not overwrite:
+    data.check_writable(os.path.join(out, "ckpt.pt"))
+    found = run_files(out)
+    if resume or not found:
+        return
+    steps, foreign = {}, []
+    for name in [os.path.basename(path) for path in found if path.endswith(".pt")]:
         try:
-            held = f"a run at step {checkpoint.load(ckpt_path).step}"
+            steps[name] = checkpoint.load(os.path.join(out, name)).step
         except checkpoint.CheckpointError:
-            held = "a checkpoint"
+            foreign.append(name)
+    if foreign or not steps:
+        names = ", ".join(foreign or [os.path.basename(path) for path in found])
+        why = "not sgm checkpoints" if foreign else "no sgm checkpoint shows them to be a run's"
         raise click.ClickException(
-            f"{out} holds {held}: use --resume to continue it, --out for a new run, or "
-            "--overwrite to replace it"
+            f"{out} holds {names} ({why}): nothing there is replaced; give another --out"
         )
-
-
-def snapshot_files(out):
-    """The snapshot_<M>min.pt files train.py wrote in `out` (names with a number only)."""
-    paths = glob.glob(os.path.join(out, "snapshot_*min.pt"))
-    return [p for p in paths if re.fullmatch(r"snapshot_[0-9.e+]+min\.pt", os.path.basename(p))]
+    if not overwrite:
+        held = "a run's snapshots: use "
+        if "ckpt.pt" in steps:
+            held = f"a run at step {steps['ckpt.pt']}: use --resume to continue it, "
+        raise click.ClickException(
+            f"{out} holds {held}--out for a new run, or --overwrite to replace it"
+        )
 
 
 def start_run_folder(out, resume_step=None):
     """Once the run is built, just before training: create the folder and remove temporary files
-    of a save that was killed. A new run clears what an earlier one left (its checkpoint, only
-    with --overwrite; a log or grids without one); a resumed run drops the log rows written after
-    its checkpoint, so each step appears once."""
+    of a save that was killed. A new run removes the run files that check_run_folder allowed it
+    to replace; a resumed run drops the log rows written after its checkpoint, so each step
+    appears once."""
     os.makedirs(out, exist_ok=True)
-    for tmp in glob.glob(os.path.join(out, "*.tmp")):
-        os.remove(tmp)
+    data.remove_stale(out)
     log_path = os.path.join(out, "log.jsonl")
     if resume_step is None:
-        earlier = [*glob.glob(f"{out}/samples_*.png"), *snapshot_files(out)]
-        for path in [os.path.join(out, "ckpt.pt"), log_path, *earlier]:
-            if os.path.exists(path):
-                os.remove(path)
+        for path in run_files(out):
+            os.remove(path)
     elif os.path.exists(log_path):
         rows = []
         with open(log_path) as f:
@@ -194,7 +202,8 @@ def training_state(ckpt, cfg, device, rank):
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     if ckpt.resume is not None:
         ema.load_state_dict(ckpt.resume["ema"])
-        optimizer.load_state_dict(ckpt.resume["optimizer"])
+        moments = ckpt.resume["optimizer"]["state"]  # with this config's settings, not the file's
+        optimizer.load_state_dict({**optimizer.state_dict(), "state": moments})
         rng = ckpt.resume["rng"]
         if rng is not None and rank == 0:
             torch.set_rng_state(rng["cpu"].cpu())
@@ -303,14 +312,35 @@ def train_step(run, step):
     return loss
 
 
-def save(run, step):
-    """The checkpoint, with the RNG state as it is after `step`, so --resume continues exactly."""
+def save(run, step, interval):
+    """The checkpoint, with the RNG state as it is after `step` and the log interval in progress
+    (loss sum, steps, seconds), so --resume continues exactly and logs the same rows."""
     if run.rank == 0:
         rng = {"cpu": torch.get_rng_state()}
         if run.device.startswith("cuda"):
             rng["cuda"] = torch.cuda.get_rng_state()
+        loss_sum, count, seconds = interval
+        log = {"loss_sum": loss_sum.detach().cpu().clone(), "count": count, "seconds": seconds}
         run.ckpt.step = step
-        checkpoint.save(run.ckpt_path, run.ckpt, ema=run.ema, optimizer=run.optimizer, rng=rng)
+        state = dict(ema=run.ema, optimizer=run.optimizer, rng=rng, log=log)
+        save_checked(run, step, run.ckpt_path, run.ckpt, **state)
+
+
+def save_checked(run, step, path, ckpt, **state):
+    """checkpoint.save, which refuses weights that diverged: then the run stops, saving nothing."""
+    try:
+        checkpoint.save(path, ckpt, **state)
+    except checkpoint.DivergedError as e:
+        raise stopped(run, f"the weights diverged by step {step} ({e.problem})") from None
+
+
+def stopped(run, what):
+    """The one line of a run stopped without saving."""
+    kept = f"{run.ckpt_path} is kept" if os.path.exists(run.ckpt_path) else "is none yet"
+    return click.ClickException(
+        f"{what}; stopped without saving, the last good checkpoint {kept}. Try a lower --lr or "
+        "--grad-clip."
+    )
 
 
 def ema_checkpoint(run, **changes):
@@ -335,15 +365,16 @@ def sample_grid(run, step, n=64):
     data.save_png(x, sampler.data_range, os.path.join(run.out, f"samples_{step:07d}.png"))
 
 
-def log_interval(run, step, loss_sum, count, seconds, log):
-    """The interval's mean loss (the only host sync): stop on NaN, else log.jsonl and progress."""
+def check_loss(run, step, loss_sum, count):
+    """The mean loss since the last log row (the only host sync); NaN or inf stops the run."""
     loss = (loss_sum / count).item()
     if not math.isfinite(loss):
-        kept = f"{run.ckpt_path} is kept" if os.path.exists(run.ckpt_path) else "is none yet"
-        raise click.ClickException(
-            f"loss became {loss} by step {step}; stopped without saving, the last good "
-            f"checkpoint {kept}. Try a lower --lr or --grad-clip."
-        )
+        raise stopped(run, f"loss became {loss} by step {step}")
+    return loss
+
+
+def log_row(run, step, loss, count, seconds, log):
+    """A row of log.jsonl (rank 0) and the progress display; returns the throughput."""
     rate = count * run.cfg.batch_size * run.world / seconds
     if run.rank == 0:
         lr = run.optimizer.param_groups[0]["lr"]
@@ -354,7 +385,7 @@ def log_interval(run, step, loss_sum, count, seconds, log):
     run.progress.update(run.task, completed=step, status=status)
     if not log.is_terminal:  # redirected: the bar shows nothing until the end, so print a line
         log.print(f"step {step}/{run.cfg.steps} {status}", highlight=False)
-    return loss, rate
+    return rate
 
 
 def use_bf16(device, cfg):
@@ -376,7 +407,7 @@ def parse_minutes(text):
         return []
     values = sorted(set(data.parse_list(text, "--snapshot-minutes", what="minutes")))
     for value in values:
-        sgm.check_number("--snapshot-minutes", value, 0, 1e6, low_open=True)
+        data.check_number("--snapshot-minutes", value, 0, 1e6, low_open=True)
     return values
 
 
@@ -409,7 +440,7 @@ def save_snapshot(run, step, minutes):
     """The EMA weights after `step`, at `minutes` of training: <out>/snapshot_<M>min.pt."""
     snapshot = ema_checkpoint(run, step=step, is_ema=True, resume=None)
     snapshot.extra = {**run.ckpt.extra, "train_seconds": 60 * minutes}
-    checkpoint.save(os.path.join(run.out, f"snapshot_{minutes:g}min.pt"), snapshot)
+    save_checked(run, step, os.path.join(run.out, f"snapshot_{minutes:g}min.pt"), snapshot)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -503,7 +534,7 @@ def main(ctx, **flags):
         raise click.ClickException("give one of --steps, --epochs and --minutes")
     for name in ("time_limit", "epochs", "minutes", "sigma_max"):  # click lets NaN through
         if flags[name] is not None:
-            sgm.check_number(f"--{name.replace('_', '-')}", flags[name], 0, 1e6, low_open=True)
+            data.check_number(f"--{name.replace('_', '-')}", flags[name], 0, 1e6, low_open=True)
     if flags["minutes"] and flags["resume"]:
         raise click.ClickException("--minutes fits a new run's steps; --resume continues to them")
     if flags["minutes"] and flags["time_limit"]:
@@ -527,23 +558,22 @@ def main(ctx, **flags):
         if stored.resume is None:
             raise click.ClickException(f"{ckpt_path} has no optimizer state: it cannot be resumed")
     cfg = build_config(ctx, flags, stored.train_config if stored else None)
-    if stored and flags["epochs"] is None and cfg.steps <= stored.step:
-        raise click.ClickException(
-            f"nothing to do: {out} is at step {stored.step} and --steps is {cfg.steps}"
-        )
+    if flags["epochs"] is None:
+        check_steps_left(out, stored, cfg.steps, "--steps")
     if rank == 0:
         check_run_folder(out, flags["resume"], flags["overwrite"])
 
     images, labels = training_data(cfg, flags["data_dir"], world)
     if flags["epochs"] is not None:
         cfg.steps = max(1, round(flags["epochs"] * len(images) / (cfg.batch_size * world)))
+        check_steps_left(out, stored, cfg.steps, f"--epochs {flags['epochs']:g}")
     torch.manual_seed(cfg.seed + rank)  # the network's initial weights
     ckpt = stored or new_checkpoint(cfg, images, labels, device)
     ckpt.train_config = cfg
     try:
         ema, optimizer = training_state(ckpt, cfg, device, rank)
     except (KeyError, TypeError, AttributeError, RuntimeError, ValueError) as e:
-        reason = checkpoint.first_line(e)
+        reason = data.first_line(e)
         raise click.ClickException(f"{ckpt_path}: damaged resume state ({reason})") from None
 
     # Speed set-up: autocast, compile and DDP in three lines.
@@ -573,6 +603,14 @@ def main(ctx, **flags):
     train(run)
 
 
+def check_steps_left(out, stored, steps, given):
+    """A resumed run must have steps left to train."""
+    if stored and steps <= stored.step:
+        raise click.ClickException(
+            f"nothing to do: {out} is at step {stored.step} and {given} asks for {steps}"
+        )
+
+
 def stop_on_signals(run):
     """Ctrl-C (SIGINT) and SIGTERM (timeout, a cluster's scheduler) set run.stop; the loop then
     saves at the end of the step, so --resume continues exactly. Returns the previous handlers."""
@@ -581,24 +619,6 @@ def stop_on_signals(run):
         run.stop = signum
 
     return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-
-def check_weights(run, step):
-    """Before a save: weights that exploded (an lr far too high) must not replace a good
-    checkpoint. The loss, computed before each update, cannot see the last update's damage."""
-    net = run.ckpt.net
-    largest = max(float(p.detach().abs().max()) for p in net.parameters())
-    with torch.no_grad():
-        net.eval()  # no dropout: the training RNG stays untouched
-        probe = torch.zeros(1, *run.images.shape[1:], device=run.device)
-        healthy = torch.isfinite(net(probe, torch.full((1,), 0.5, device=run.device))).all()
-        net.train()
-    if not (math.isfinite(largest) and largest < 1e3 and healthy):
-        kept = f"{run.ckpt_path} is kept" if os.path.exists(run.ckpt_path) else "is none yet"
-        raise click.ClickException(
-            f"the weights diverged by step {step} (largest |w| = {largest:.3g}); stopped without "
-            f"saving, the last good checkpoint {kept}. Try a lower --lr or --grad-clip."
-        )
 
 
 def announce(run, log):
@@ -623,8 +643,10 @@ def train(run):
     columns = (BarColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn())
     run.progress = Progress(TextColumn("step {task.completed}/{task.total}"), *columns,
                             TimeRemainingColumn(), console=log, disable=run.rank != 0)  # fmt: skip
-    loss_sum, count, step = torch.zeros((), device=run.device), 0, start
-    loss, rates, t_start, t_log, sampling = float("nan"), [], time.time(), time.time(), 0.0
+    saved = (run.ckpt.resume or {}).get("log") or {"loss_sum": 0.0, "count": 0, "seconds": 0.0}
+    loss_sum = torch.as_tensor(saved["loss_sum"], dtype=torch.float32).to(run.device).reshape(())
+    count, t_log, step = saved["count"], time.time() - saved["seconds"], start  # the interval
+    loss, rates, t_start, sampling = float("nan"), [], time.time(), 0.0
     handlers = stop_on_signals(run)
     try:
         with run.progress:
@@ -645,23 +667,24 @@ def train(run):
                     if run.minutes:  # the budget is spent: the run is complete
                         cfg.steps = step
                 last = step == end or run.stop
-                if step % cfg.log_every and step % cfg.ckpt_every and not last:
+                row = step % cfg.log_every == 0 or step == cfg.steps  # a log interval ends
+                if not (row or last or step % cfg.ckpt_every == 0):
                     continue
-                loss, rate = log_interval(run, step, loss_sum, count, time.time() - t_log, log)
-                rates.append(rate)
-                loss_sum.zero_()
-                count = 0
+                loss = check_loss(run, step, loss_sum, count)
+                if row:  # a stop in mid-interval saves the interval, and --resume completes it
+                    rates.append(log_row(run, step, loss, count, time.time() - t_log, log))
+                    loss_sum.zero_()
+                    count, t_log = 0, time.time()
                 if step % cfg.ckpt_every == 0 or last:
-                    check_weights(run, step)
                     run.ckpt.extra["train_seconds"] = run.seconds_before + elapsed
-                    save(run, step)
+                    save(run, step, (loss_sum, count, time.time() - t_log))
                 if run.stop:
                     break
                 if run.rank == 0 and (step % cfg.sample_every == 0 or last):
                     t_grid = time.time()
                     sample_grid(run, step)
                     sampling += time.time() - t_grid  # not training time
-                t_log = time.time()
+                    t_log += time.time() - t_grid
     finally:
         for sig, previous in handlers.items():
             signal.signal(sig, previous)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates every table and figure in the README, in three parts.
+# Regenerates every table and figure of docs/results.md (and the README's pictures), in three parts.
 #
 #   bash assets/make_figures.sh sdes     # the SDE study (about 1 hour after its training)
 #   bash assets/make_figures.sh ship     # FD against training time, then export runs/ref (30 minutes)

@@ -6,7 +6,7 @@
 #   bash tools/recipes.sh [MINUTES] [OUT]          # defaults: 20 minutes, runs/recipes
 #
 # RECIPES is "name:flags|name:flags|..." (an even number of them: they run in pairs, so each pair
-# shares the machine equally). The default list is the README's table: K is today's quick preset.
+# shares the machine equally). The default list is docs/results.md's table: K is the quick preset.
 # Needs 2 cores; with MINUTES=20 it takes 160 minutes of training and about 40 of scoring (final
 # checkpoints; add the snapshots with SNAPSHOTS=--snapshots).
 set -euo pipefail
@@ -15,7 +15,7 @@ MINUTES=${1:-20}
 OUT=${2:-runs/recipes}
 SEEDS=${SEEDS:-0}
 # Each arm states how it differs from today's quick preset (conditional, 8 channels, batch 32, constant lr
-# 2e-3 after 100 warm-up steps, EMA 0.995); arms run in the pairs of the README's table.
+# 2e-3 after 100 warm-up steps, EMA 0.995); arms run in the pairs of the table in docs/results.md.
 OLD="--no-conditional --channels 16 --batch-size 64"  # the quick preset before this table
 RAMP="--lr-schedule cosine --ema-ramp 0.15 --ema-decay 0.9995"
 DEFAULT_RECIPES="A_old_quick:$OLD"

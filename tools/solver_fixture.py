@@ -40,12 +40,15 @@ def run_case(ckpt, name):
     generator = torch.Generator().manual_seed(0)
     shape = (2, 1, 28, 28)
     if name.startswith("inpaint"):
-        images = data.to_model_range(torch.arange(784, dtype=torch.uint8).reshape(1, 1, 28, 28)
-                                     .expand(2, 1, 28, 28) % 251, ckpt.data_range)
+        images = data.to_model_range(
+            torch.arange(784, dtype=torch.uint8).reshape(1, 1, 28, 28).expand(2, 1, 28, 28) % 251,
+            ckpt.data_range,
+        )
         mask = torch.zeros(1, 28, 28)
         mask[..., 14:] = 1
-        return sgm.inpaint(score_fn, ckpt.sde, images, mask, solver, steps, generator=generator,
-                           **options)
+        return sgm.inpaint(
+            score_fn, ckpt.sde, images, mask, solver, steps, generator=generator, **options
+        )
     return sgm.sample(score_fn, ckpt.sde, shape, solver, steps, generator=generator, **options)
 
 
