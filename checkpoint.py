@@ -14,8 +14,10 @@ The paper's mathematics is in sgm.py; this is the bookkeeping around it, used by
 sample.py and evaluate.py.
 """
 
+import json
 import math
 import os
+import re
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 
@@ -69,7 +71,7 @@ class TrainConfig:
     --resume restores it. Defaults: the `default` preset (a GPU-sized model) but unconditional."""
 
     preset: str = "default"
-    sde: str = "vp"
+    sde: str = "subvp"  # the shipped model's; the SDE study in docs/results.md favours it
     conditional: bool = False  # labels, dropped at label_dropout (guidance); both presets: True
     label_dropout: float = 0.1
     likelihood_weighting: bool = False
@@ -87,7 +89,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999  # the largest decay; with ema_ramp, reached late
     ema_ramp: float = 0.0  # > 0: EMA half-life at most ema_ramp x the steps so far (EDM)
-    amp: bool = True  # bf16 autocast on CUDA, and on CPUs with native bf16
+    amp: bool = True  # bf16 autocast on CUDA, and on CPUs with native bf16 (train.py: --amp)
     seed: int = 0
     limit_data: int = 0  # 0: all training images
     # May change on --resume:
@@ -409,3 +411,104 @@ def check_log(log):
             raise ValueError(f"log loss_sum {loss_sum!r}")
         data.check_int("log count", log["count"], 0, 10**10)
         data.check_number("log seconds", log["seconds"], 0, 1e10)
+
+
+# ------------------------------------------------------------------------------------------------
+# A run: its folder, a fresh checkpoint, and the training state restored from one (train.py)
+
+RUN_FILE = re.compile(r"ckpt\.pt|log\.jsonl|samples_\d{7}\.png|snapshot_[0-9.e+-]+min\.pt")
+
+
+def run_files(out):
+    """The files in `out` with the names train.py gives a run's files."""
+    names = os.listdir(out) if os.path.isdir(out) else []
+    return sorted(os.path.join(out, name) for name in names if RUN_FILE.fullmatch(name))
+
+
+def check_run_folder(out, resume, overwrite):
+    """Before any work: --out can be written, and a new run replaces no file silently. Files with
+    a run's names are replaced only with --overwrite, and only when the folder verifiably holds a
+    run (each of its checkpoints loads); no other file is ever touched."""
+    if os.path.isfile(out):
+        raise sgm.SGMError(f"--out {out} is a file, not a folder")
+    data.check_writable(os.path.join(out, "ckpt.pt"))
+    found = run_files(out)
+    if resume or not found:
+        return
+    steps, foreign = {}, []
+    for name in [os.path.basename(path) for path in found if path.endswith(".pt")]:
+        try:
+            steps[name] = load(os.path.join(out, name)).step
+        except CheckpointError:
+            foreign.append(name)
+    if foreign or not steps:
+        names = ", ".join(foreign or [os.path.basename(path) for path in found])
+        why = "not sgm checkpoints" if foreign else "no sgm checkpoint shows them to be a run's"
+        raise sgm.SGMError(f"{out} holds {names} ({why}): nothing there is replaced; "
+                                   "give another --out")  # fmt: skip
+    if not overwrite:
+        held = "a run's snapshots: use "
+        if "ckpt.pt" in steps:
+            held = f"a run at step {steps['ckpt.pt']}: use --resume to continue it, "
+        raise sgm.SGMError(f"{out} holds {held}--out for a new run, or --overwrite")
+
+
+def start_run_folder(out, resume_step=None):
+    """Just before training: create the folder and remove temporary files of a killed save. A new
+    run removes the run files check_run_folder allowed it to replace; a resumed run drops the log
+    rows written after its checkpoint, so each step appears once."""
+    os.makedirs(out, exist_ok=True)
+    data.remove_stale(out)
+    log_path = os.path.join(out, "log.jsonl")
+    if resume_step is None:
+        for path in run_files(out):
+            os.remove(path)
+    elif os.path.exists(log_path):
+        rows = []
+        with open(log_path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        rows.append(line)
+                except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+                    pass
+        data.save_text("".join(rows), log_path)
+
+
+def new_checkpoint(cfg, images, labels, device):
+    """A fresh network (initialised from the seed) for this config and data. A conditional one
+    stores the class counts of its data, for unconditional sampling (`Checkpoint.prior_labels`)."""
+    model_config = sgm.ModelConfig(image_channels=images.shape[1], image_size=images.shape[2],
+                                   channels=cfg.channels, channel_mult=cfg.channel_mult,
+                                   num_res_blocks=cfg.num_res_blocks, dropout=cfg.dropout,
+                                   num_classes=10 if cfg.conditional else 0)  # fmt: skip
+    sde = cfg.make_sde()
+    net = sgm.UNet(model_config).to(device)
+    ckpt = Checkpoint(net, sde, sde.data_range, model_config, cfg)
+    if cfg.conditional:
+        ckpt.extra["class_counts"] = torch.bincount(labels, minlength=10).tolist()
+    return ckpt
+
+
+def training_state(ckpt, cfg, device, rank, path):
+    """EMA and optimizer for ckpt.net, restored from ckpt.resume (read from `path`) to resume."""
+    net = ckpt.net.to(memory_format=torch.channels_last).train().requires_grad_(True)
+    ema = EMA(net, cfg.ema_decay)
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    if ckpt.resume is not None:
+        try:
+            ema.load_state_dict(ckpt.resume["ema"])
+            moments = ckpt.resume["optimizer"][
+                "state"
+            ]  # with this config's settings, not the file's
+            optimizer.load_state_dict({**optimizer.state_dict(), "state": moments})
+        except (KeyError, TypeError, AttributeError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{path}: damaged resume state ({data.first_line(e)})") from None
+        rng = ckpt.resume["rng"]
+        if rng is not None and rank == 0:
+            torch.set_rng_state(rng["cpu"].cpu())
+            if device.startswith("cuda") and rng.get("cuda") is not None:
+                torch.cuda.set_rng_state(rng["cuda"].cpu())
+        else:  # other ranks: a fresh stream per rank and step
+            torch.manual_seed(cfg.seed * 1000 + rank + ckpt.step)
+    return ema, optimizer

@@ -2,6 +2,7 @@
 Sample from a trained score-based model with any solver.
 
     python sample.py --n 64                                 # image grid, samples.png (dpmpp_2m_sde)
+    python sample.py --ckpt runs/quick --n 16               # a train.py run folder: its ckpt.pt
     python sample.py --solver ode --n 64                    # the probability-flow ODE, adaptive
     python sample.py --solver heun --steps 18 --out x.npz   # raw uint8 array (N, H, W)
     python sample.py --solver pc --n 16 --out traj.gif      # the reverse process, state | denoised
@@ -10,15 +11,9 @@ Sample from a trained score-based model with any solver.
     python sample.py --label sneaker --guidance 2 --n 16    # class-conditional models
     python sample.py --inpaint left --from-test 0 --n 8     # fill in the left half of test images
     python sample.py --interpolate 0 1 --n 10               # morph test image 0 into image 1
-
---ckpt defaults to the shipped checkpoints/fmnist.pt, else the newest runs/*/ckpt.pt. Without
---label, a class-conditional model samples p(x) = sum_y p(y) p(x | y): labels drawn from the
-training classes' frequencies, w = 0 (--label none uses the dropped label's score instead).
 """
 
-import dataclasses
 import os
-import sys
 import time
 
 import click
@@ -33,210 +28,80 @@ import sgm
 
 console = Console(stderr=True, soft_wrap=True)
 MASKS = ("left", "right", "top", "bottom", "center", "random")
-SOLVER_OPTIONS = ("predictor", "corrector", "snr", "corrector_steps", "rtol", "atol", "s_churn",
-                  "s_tmin", "s_tmax", "s_noise", "eta")  # fmt: skip
-PC, ODE, EDM, SDE2M = (data.solver_options(s) for s in ("pc", "ode", "edm", "dpmpp_2m_sde"))
+N_DEFAULT = {"sample": 64, "inpaint": 8, "interpolate": 10}
+STEPS = {name: "adaptive" if name == "ode" else s.steps for name, s in sgm.SOLVERS.items()}
+SOLVER_OPTIONS = {solver: data.solver_options(solver) for solver in sgm.SOLVERS}  # with defaults
+SOLVER_FLAGS = {"predictor": "Predictor", "corrector": "Corrector", "snr": "Langevin SNR",
+                "corrector_steps": "Corrector steps per step", "rtol": "ODE relative tolerance",
+                "atol": "ODE absolute tolerance", "s_churn": "Churn", "s_noise": "Noise scale",
+                "s_tmin": "Churn from this noise level", "s_tmax": "Churn up to this noise level",
+                "eta": "Stochasticity"}  # fmt: skip
 
 
-@dataclasses.dataclass
-class Options:
-    """The command's options, by name, and the inpainting inputs derived from them."""
-
-    ckpt_path: str
-    solver: str
-    n: int
-    steps: int
-    predictor: str
-    corrector: str
-    snr: float
-    corrector_steps: int
-    rtol: float
-    atol: float
-    s_churn: float
-    s_tmin: float
-    s_tmax: float
-    s_noise: float
-    eta: float
-    eps: float
-    seed: int
-    device: str
-    ema: bool
-    batch_size: int
-    out: str
-    label: str
-    guidance: float
-    inpaint: str
-    from_test: int
-    interpolate: tuple
-    data_dir: str
-    mask: torch.Tensor = None  # (C, H, W), 1 where known: inpainting
-    known: torch.Tensor = None  # uint8 test images (n, C, H, W) to inpaint
-
-    def __post_init__(self):  # the combination of options, with the solver's defaults
-        data.check_solver_options({**data.solver_options(self.solver), **self.solver_options}, True)
-
-    @property
-    def mode(self):
-        return "inpaint" if self.inpaint else "interpolate" if self.interpolate else "sample"
-
-    @property
-    def given_options(self):  # the solver options on the command line; the rest keep sgm's defaults
-        return {
-            name: getattr(self, name) for name in SOLVER_OPTIONS if getattr(self, name) is not None
-        }
-
-    @property
-    def solver_options(self):  # those of the given options that this solver takes
-        takes = data.solver_options(self.solver)
-        return {name: value for name, value in self.given_options.items() if name in takes}
+def per_solver(values):
+    """{solver: value} -> 'pc, ald: 0.16; ode: 1e-05', for the help."""
+    groups = {value: [key for key in values if values[key] == value] for value in values.values()}
+    return "; ".join(f"{', '.join(solvers)}: {value}" for value, solvers in groups.items())
 
 
-class Command(click.Command):
-    """The one error handler: library errors (bad checkpoint, a solver the SDE lacks, ...) become
-    one line."""
+def solver_flags(command):
+    """A flag per solver option, None unless given; its help names its solvers and defaults."""
+    for name, what in reversed(SOLVER_FLAGS.items()):
+        defaults = {s: takes[name] for s, takes in SOLVER_OPTIONS.items() if name in takes}
+        kind = data.option_type(name, next(iter(defaults.values())))
+        if isinstance(kind, data.Number):  # its range; "(" where the low end is excluded
+            what += f" in {'(' if kind.low_open else '['}{kind.low:g}, {kind.high:g}]"
+        flags = ["--" + name.replace("_", "-"), *(["--churn"] if name == "s_churn" else []), name]
+        command = click.option(*flags, type=kind, help=f"{what} [{per_solver(defaults)}].")(command)
+    return command
+
+
+class Command(data.Command):
+    """data.Command's one-line errors; Ctrl-C exits 130, having written nothing."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except sgm.SGMError as e:
-            raise click.ClickException(str(e)) from None
-        except OSError as e:  # a full disk, a read-only folder, ...: files written stay intact
-            raise click.ClickException(f"{e.filename or 'I/O'}: {e.strerror or e}") from None
         except KeyboardInterrupt:
             console.print("interrupted; nothing written")
-            sys.exit(130)
+            raise SystemExit(130) from None
 
 
-def parse_label(text, ckpt):
-    """'all', 'none', a class index or a FashionMNIST class name -> 'all', 'none' or an int."""
-    num_classes = ckpt.model_config.num_classes
-    if text == "none" or (text == "all" and num_classes):
-        return text
-    if not num_classes:
+def make_labels(text, ckpt, n, mode, seed):
+    """--label -> (labels (n,) or None, what they are). Without --label, a conditional model draws
+    them from the training classes' frequencies: it samples p(x) = sum_y p(y) p(x | y)."""
+    classes = ckpt.model_config.num_classes
+    name = str(text).lower().replace("_", "-").replace(" ", "-")
+    digit = text and text.isascii() and text.isdigit() and int(text) < classes  # "²" is a digit too
+    target = int(text) if digit else data.CLASSES.index(name) if name in data.CLASSES else text
+    if text not in (None, "none") and not classes:
         raise click.ClickException("--label needs a class-conditional checkpoint (--conditional)")
-    name = text.lower().replace("_", "-").replace(" ", "-")
-    if name in data.CLASSES:
-        return data.CLASSES.index(name)
-    if text.isascii() and text.isdigit() and int(text) < num_classes:  # "²" is a digit too
-        return int(text)
-    raise click.ClickException(
-        f"unknown --label {text!r}: use 0-{num_classes - 1}, 'all', 'none' or one of "
-        + ", ".join(data.CLASSES)
-    )
-
-
-def make_labels(opts, ckpt):
-    """(labels (n,) or None, images per row, the guidance weight, what the labels are). Without
-    --label, a conditional model draws them from the class prior: p(x) = sum_y p(y) p(x | y)."""
-    n, num_classes = opts.n, ckpt.model_config.num_classes
-    target = parse_label(opts.label, ckpt) if opts.label is not None else None
-    if target is None and (not num_classes or opts.mode != "sample"):
-        target = "none"  # inpainting, interpolation: a drawn class would fight the test image
-    if target == "none":
-        if opts.guidance:
-            raise click.ClickException(
-                "--guidance needs labels (a conditional model, no --label none)"
-            )
-        return None, min(n, 8), 0.0, "the dropped label's score" if num_classes else "unconditional"
-    guidance = opts.guidance if opts.guidance is not None else 0.0 if target is None else 1.0
+    if target not in (None, "none", "all") and not isinstance(target, int):
+        raise click.ClickException(f"unknown --label {text!r}: use 0-{classes - 1}, 'all', "
+                                   f"'none' or one of {', '.join(data.CLASSES)}")  # fmt: skip
+    if target == "none" or not classes or target is None and mode != "sample":  # test images
+        return None, "the dropped label's score" if classes else "unconditional"
     if target == "all":
-        per_class = max(1, n // num_classes)  # one row per class
-        labels = torch.arange(num_classes, device=opts.device).repeat_interleave(per_class)
-        return labels, per_class, guidance, f"one row per class, w = {guidance:g}"
+        return torch.arange(classes).repeat_interleave(max(1, n // classes)), "one row per class"
     if target is None:
-        labels = ckpt.prior_labels(n, opts.seed, opts.device)
         what = "labels drawn from the training classes' frequencies (--label none: dropped label)"
-    else:
-        labels = torch.full((n,), target, device=opts.device)
-        what = f"label {data.CLASSES[target] if num_classes == len(data.CLASSES) else target}"
-    return labels, min(n, 8), guidance, f"{what}, w = {guidance:g}"
+        return ckpt.prior_labels(n, seed), what
+    named = data.CLASSES[target] if classes == len(data.CLASSES) else target
+    return torch.full((n,), target), f"label {named}"
 
 
 def make_mask(name, shape, generator):
-    """1 where pixels are known. shape (C, H, W)."""
+    """1 where pixels are known, (C, H, W): 0 on the named part, which is to be filled in."""
     C, H, W = shape
-    mask = torch.zeros(shape)
-    if name == "left":
-        mask[..., W // 2 :] = 1
-    elif name == "right":
-        mask[..., : W // 2] = 1
-    elif name == "top":
-        mask[:, H // 2 :] = 1
-    elif name == "bottom":
-        mask[:, : H // 2] = 1
-    elif name == "center":
-        mask[:] = 1
-        mask[:, H // 4 : H - H // 4, W // 4 : W - W // 4] = 0
-    else:
-        mask = (torch.rand((1, H, W), generator=generator) < 0.5).float().expand(C, H, W).clone()
+    if name == "random":
+        return (torch.rand((1, H, W), generator=generator) < 0.5).float().expand(C, H, W).clone()
+    every, middle = slice(None), (slice(H // 4, H - H // 4), slice(W // 4, W - W // 4))
+    rows, cols = {"left": (every, slice(W // 2)), "right": (every, slice(W // 2, W)),
+                  "top": (slice(H // 2), every), "bottom": (slice(H // 2, H), every),
+                  "center": middle}[name]  # fmt: skip
+    mask = torch.ones(shape)
+    mask[:, rows, cols] = 0
     return mask
-
-
-def check_output(out):
-    """The suffix of --out, after checking that it can be written (nothing is created yet)."""
-    suffix = os.path.splitext(out)[1].lower()
-    if suffix not in (".png", ".npz", ".gif"):
-        raise click.ClickException(
-            f"--out {out}: the suffix must be .png (grid), .npz (array) or .gif (animation)"
-        )
-    data.check_writable(out)
-    return suffix
-
-
-def load_test_images(ckpt, mode, data_dir):
-    """FashionMNIST test images and labels, for --inpaint and --interpolate."""
-    shape = (ckpt.model_config.image_channels, ckpt.model_config.image_size)
-    if shape != (1, 28):
-        raise click.ClickException(
-            f"the checkpoint is for {shape[0]}x{shape[1]}x{shape[1]} images, but --{mode} takes "
-            "FashionMNIST test images (1x28x28)"
-        )
-    return data.load_fashion_mnist(data_dir, train=False)
-
-
-def run_chunks(ckpt, labels, opts, progress, frames):
-    """Sample (or inpaint) opts.n images, opts.batch_size at a time. Returns (x, NFE per image)."""
-    shape = (
-        ckpt.model_config.image_channels,
-        ckpt.model_config.image_size,
-        ckpt.model_config.image_size,
-    )
-    generator = torch.Generator(opts.device).manual_seed(opts.seed)
-    chunks = [(lo, min(opts.n, lo + opts.batch_size)) for lo in range(0, opts.n, opts.batch_size)]
-    task = progress.add_task("", total=len(chunks), status="")
-    outputs, nfes = [], []
-    for c, (lo, hi) in enumerate(chunks):
-
-        def callback(info, c=c):
-            done = (ckpt.sde.T - info["t"]) / (ckpt.sde.T - opts.eps)
-            progress.update(task, completed=c + done, status=f"t = {info['t']:.4f}")
-            if (
-                opts.out.lower().endswith(".gif")
-                and c == 0
-                and info["i"] % max(1, opts.steps // 50) == 0
-            ):  # ~50 frames
-                images = (info["x"][:64], info["denoised"][:64])
-                frames.append(tuple(data.to_uint8(x, ckpt.data_range).cpu() for x in images))
-
-        score_fn = ckpt.score_fn(None if labels is None else labels[lo:hi], opts.guidance)
-        kwargs = dict(opts.solver_options, eps=opts.eps, generator=generator, callback=callback)
-        if opts.mask is None:
-            x, nfe = sgm.sample(score_fn, ckpt.sde, (hi - lo, *shape), opts.solver, opts.steps,
-                                device=opts.device, **kwargs)  # fmt: skip
-        else:
-            known = data.to_model_range(opts.known[lo:hi], ckpt.data_range).to(opts.device)
-            x, nfe = sgm.inpaint(
-                score_fn, ckpt.sde, known, opts.mask, opts.solver, opts.steps, **kwargs
-            )
-            masked = opts.mask * known + (1 - opts.mask) * ckpt.data_range[1]
-            x = torch.stack([known, masked, x])  # (3, b, C, H, W): rows original, masked, filled
-        outputs.append(x)
-        nfes.append(nfe)
-        progress.update(task, completed=c + 1)
-        if not console.is_terminal:  # redirected: the bar shows nothing until the end
-            console.print(f"{opts.solver}: {hi} of {opts.n} images", highlight=False)
-    x = torch.cat(outputs, dim=1).flatten(0, 1) if opts.mask is not None else torch.cat(outputs)
-    return x, sum(nfes) / len(nfes)
 
 
 def slerp(z_a, z_b, weight):
@@ -260,218 +125,125 @@ def interpolate(score_fn, sde, x_a, x_b, n=8, **kwargs):
     return x, nfe_encode + nfe_decode
 
 
-def write_output(x, frames, labels, ckpt, out, nrow):
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"],
+                                              "show_default": True})  # fmt: skip
+@click.option("--ckpt", "ckpt_path", type=click.Path(), help="Checkpoint or train.py run folder "
+              "[checkpoints/fmnist.pt, else the newest runs/*/ckpt.pt].")  # fmt: skip
+@click.option("--solver", type=click.Choice(list(sgm.SOLVERS)), help="See the README's solver "
+              "table [dpmpp_2m_sde; pc with --inpaint, ode with --interpolate].")  # fmt: skip
+@click.option("--n", type=click.IntRange(1), help=f"Images [{per_solver(N_DEFAULT)}].")
+@click.option("--steps", type=click.IntRange(1), help=f"Time steps [{per_solver(STEPS)}].")
+@solver_flags
+@click.option("--eps", type=data.Number(0, 0.5, low_open=True), default=1e-3, help="Final time.")
+@click.option("--seed", type=int, default=0)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--ema/--no-ema", default=True, help="Sample with the EMA weights.")
+@click.option("--batch-size", type=click.IntRange(1), default=256, help="Images per chunk.")
+@click.option("--out", type=click.Path(dir_okay=False), default="samples.png",
+              help=".png grid, .npz uint8 array or .gif animation.")  # fmt: skip
+@click.option("--label", help="Class index or name, 'all' (a row per class) or 'none' (no label).")
+@click.option("--guidance", type=data.Number(0, 1e3), help="Guidance w [1 with --label, else 0].")
+@click.option("--inpaint", type=click.Choice(MASKS), help="Fill in part of test images [pc].")
+@click.option("--from-test", type=click.IntRange(0, 9999), default=0, help="First test image.")
+@click.option("--interpolate", "pair", type=click.IntRange(0, 9999), nargs=2, help="A, B.")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=data.DATA_DIR)
+def main(ckpt_path, solver, n, steps, eps, seed, device, ema, batch_size, out, label, guidance,
+         inpaint, from_test, pair, data_dir, **flags):  # fmt: skip
+    """Sample images from a score-based model (Song et al. 2021)."""
+    # Configure: the task, the solver and its options, the output; all checked before any work
+    mode = "inpaint" if inpaint else "interpolate" if pair else "sample"
+    if mode == "interpolate" and solver not in (None, "ode"):  # the ODE encodes and decodes
+        console.print(f"note: --interpolate uses the ODE, not {solver}")
+    solver = "ode" if mode == "interpolate" else solver or ("pc" if inpaint else "dpmpp_2m_sde")
+    given = {name: flags[name] for name in SOLVER_FLAGS if flags[name] is not None}
+    options = {name: value for name, value in given.items() if name in SOLVER_OPTIONS[solver]}
+    data.check_solver_options({**SOLVER_OPTIONS[solver], **options}, flags=True)
     suffix = os.path.splitext(out)[1].lower()
+    if suffix not in (".png", ".npz", ".gif"):
+        raise click.ClickException(f"--out {out}: the suffix must be .png, .npz or .gif")
+    if mode != "sample" and suffix != ".png":
+        raise click.ClickException(f"--{mode} writes a .png grid; got --out {out}")
+    if mode == "inpaint" and solver not in sgm.INPAINTING_SOLVERS:
+        raise click.ClickException("--inpaint needs a solver that re-noises every step ("
+                                   f"{', '.join(sgm.INPAINTING_SOLVERS)})")  # fmt: skip
+    if mode == "interpolate" and label not in (None, "none"):
+        raise click.ClickException("--interpolate decodes without labels: drop --label")
+    data.check_writable(out)
+    for flag in ["--" + name.replace("_", "-") for name in given if name not in options]:
+        console.print(f"note: {solver} does not use {flag}; ignored", highlight=False)
+
+    # Load: the checkpoint, the labels and, to inpaint or interpolate, test images
+    ckpt_path, device = data.find_checkpoint(ckpt_path), data.resolve_device(device)
+    ckpt = checkpoint.load(ckpt_path, device, use_ema=ema)
+    n, steps = n or N_DEFAULT[mode], steps or sgm.SOLVERS[solver].steps
+    labels, labels_used = make_labels(label, ckpt, n, mode, seed)
+    if labels is None and guidance:
+        raise click.ClickException("--guidance needs labels (a conditional model, no --label none)")
+    if labels is not None:  # w = 1 for a label asked for, else 0
+        guidance = guidance if guidance is not None else float(label is not None)
+        labels, n, labels_used = labels.to(device), len(labels), f"{labels_used}, w = {guidance:g}"
+    nrow = n // ckpt.model_config.num_classes if label == "all" else min(n, 8)
+    shape = (ckpt.model_config.image_channels, *[ckpt.model_config.image_size] * 2)
+    if mode != "sample":  # the images to inpaint, or A and B
+        if shape != (1, 28, 28):
+            raise click.ClickException(f"the checkpoint is for {'x'.join(map(str, shape))} images"
+                                       f", but --{mode} takes 1x28x28 test images")  # fmt: skip
+        images = data.load_fashion_mnist(data_dir, train=False)[0]
+        if mode == "inpaint" and from_test + n > len(images):
+            raise click.ClickException(f"--from-test {from_test} --n {n} runs past the "
+                                       f"{len(images)} test images")  # fmt: skip
+        index = list(pair) if mode == "interpolate" else slice(from_test, from_test + n)
+        test = data.to_model_range(images[index], ckpt.data_range).to(device)
+    if mode == "inpaint":  # rows of n: the test images, their known part, the filled-in images
+        mask, nrow = make_mask(inpaint, shape, torch.Generator().manual_seed(seed)).to(device), n
+    console.print(f"{solver}: {labels_used}", highlight=False)
+
+    # Generate: n images, batch_size at a time (interpolation: one ODE solve), with a progress bar
+    start, frames, outputs = time.time(), [], []  # outputs: (images, NFE) of each chunk
+    generator = torch.Generator(device).manual_seed(seed)
+    chunks = range(0, n if mode != "interpolate" else 0, batch_size)
+    columns = (BarColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn())
+    with Progress(TextColumn(solver), *columns, console=console) as progress:
+        status = "encoding and decoding through the ODE" if mode == "interpolate" else ""
+        task = progress.add_task("", total=len(chunks) or None, status=status)
+        if mode == "interpolate":  # A, the n images between, B
+            x, nfe = interpolate(ckpt.score_fn(), ckpt.sde, *test.split(1), n, eps=eps, **options)
+            outputs, nrow = [(torch.cat([test[:1], x, test[1:]]), nfe)], n + 2
+        for c, lo in enumerate(chunks):
+            hi = min(n, lo + batch_size)
+
+            def callback(info, c=c):  # the bar within a chunk, the first chunk's GIF frames
+                done = (ckpt.sde.T - info["t"]) / (ckpt.sde.T - eps)
+                progress.update(task, completed=c + done, status=f"t = {info['t']:.4f}")
+                if suffix == ".gif" and c == 0 and info["i"] % max(1, steps // 50) == 0:
+                    shown = (info["x"][:64], info["denoised"][:64])
+                    frames.append(tuple(data.to_uint8(v, ckpt.data_range).cpu() for v in shown))
+
+            score_fn = ckpt.score_fn(None if labels is None else labels[lo:hi], guidance)
+            inputs = dict(known=test[lo:hi], mask=mask) if mode == "inpaint" else {}
+            outputs.append(sgm.sample(score_fn, ckpt.sde, (hi - lo, *shape), solver, steps, eps=eps,
+                                      generator=generator, device=device, callback=callback,
+                                      **options, **inputs))  # fmt: skip
+            progress.update(task, completed=c + 1)
+            if not console.is_terminal:  # redirected: the bar shows nothing until the end
+                console.print(f"{solver}: {hi} of {n} images", highlight=False)
+    xs, nfes = zip(*outputs, strict=True)
+    x, nfe, wall = torch.cat(xs), sum(nfes) / len(nfes), time.time() - start
+    if mode == "inpaint":
+        x = torch.stack([test, mask * test + (1 - mask) * ckpt.data_range[1], x]).flatten(0, 1)
+
+    # Write: a grid, an array, or the reverse process (~50 frames, then the samples)
     if suffix == ".png":
         data.save_png(x, ckpt.data_range, out, nrow)
     elif suffix == ".npz":
         data.save_npz(x, ckpt.data_range, out, labels)
     else:
         final = data.to_uint8(x[:64], ckpt.data_range).cpu()
-        data.save_gif(
-            frames[:: max(1, len(frames) // 50)] + [(final, final)], out, min(8, len(final))
-        )
-
-
-@click.command(
-    cls=Command, context_settings={"help_option_names": ["-h", "--help"], "show_default": True}
-)
-@click.option(
-    "--ckpt",
-    "ckpt_path",
-    type=click.Path(dir_okay=False),
-    help="Checkpoint [checkpoints/fmnist.pt, else newest runs/*/ckpt.pt].",
-)
-@click.option(
-    "--solver",
-    type=click.Choice(list(sgm.SOLVERS)),
-    default="dpmpp_2m_sde",
-    help="See the README's solver table [dpmpp_2m_sde: the best FD per second measured].",
-)
-@click.option(
-    "--n", type=click.IntRange(1), help="Images [64; 8 with --inpaint, 10 with --interpolate]."
-)
-@click.option(
-    "--steps",
-    type=click.IntRange(1),
-    help="Time steps [the solver's: 1000 for the paper's SDE solvers; heun, edm 18; dpmpp_2m 20; "
-    "dpmpp_2m_sde 20; unused by ode].",
-)
-@click.option(
-    "--snr",
-    type=data.Number(*data.OPTION_RANGES["snr"]),
-    help=f"Langevin signal-to-noise ratio (pc, ald) [{PC['snr']}].",
-)
-@click.option(
-    "--corrector-steps",
-    type=click.IntRange(0),
-    help=f"Corrector steps per time step (pc, ald) [{PC['corrector_steps']}].",
-)
-@click.option(
-    "--predictor",
-    type=click.Choice(list(sgm.PREDICTORS)),
-    help=f"pc's predictor [{PC['predictor']}].",
-)
-@click.option(
-    "--corrector",
-    type=click.Choice(list(sgm.CORRECTORS)),
-    help=f"pc's corrector [{PC['corrector']}].",
-)
-@click.option(
-    "--rtol",
-    type=data.Number(*data.OPTION_RANGES["rtol"]),
-    help=f"ode relative tolerance [{ODE['rtol']}].",
-)
-@click.option(
-    "--atol",
-    type=data.Number(*data.OPTION_RANGES["atol"]),
-    help=f"ode absolute tolerance [{ODE['atol']}].",
-)
-@click.option(
-    "--s-churn",
-    "--churn",
-    "s_churn",
-    type=data.Number(*data.OPTION_RANGES["s_churn"]),
-    help=f"edm: churn S_churn, 0-1000 [{EDM['s_churn']}].",
-)
-@click.option(
-    "--s-tmin",
-    type=data.Number(*data.OPTION_RANGES["s_tmin"]),
-    help=f"edm: churn from this noise level [{EDM['s_tmin']}].",
-)
-@click.option(
-    "--s-tmax",
-    type=data.Number(*data.OPTION_RANGES["s_tmax"]),
-    help=f"edm: churn up to this noise level [{EDM['s_tmax']}].",
-)
-@click.option(
-    "--s-noise",
-    type=data.Number(*data.OPTION_RANGES["s_noise"]),
-    help=f"edm, dpmpp_2m_sde: noise scale, 0-2 [{EDM['s_noise']}].",
-)
-@click.option(
-    "--eta",
-    type=data.Number(*data.OPTION_RANGES["eta"]),
-    help=f"dpmpp_2m_sde: stochasticity, 0-1 [{SDE2M['eta']}].",
-)
-@click.option("--eps", type=data.Number(0, 0.5, low_open=True), default=1e-3, help="Final time.")
-@click.option("--seed", type=int, default=0)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
-@click.option("--ema/--no-ema", default=True, help="Sample with the EMA weights.")
-@click.option("--batch-size", type=click.IntRange(1), default=256, help="Images per chunk.")
-@click.option(
-    "--out",
-    type=click.Path(dir_okay=False),
-    default="samples.png",
-    help=".png grid, .npz uint8 array or .gif animation.",
-)
-@click.option(
-    "--label",
-    help="Class index, class name (sneaker, ankle-boot, ...), 'all' (one row per class) or 'none' "
-    "(the dropped label) [labels drawn from the training classes' frequencies].",
-)
-@click.option(
-    "--guidance",
-    type=data.Number(0, 1e3),
-    help="Classifier-free guidance weight w [1 with --label, else 0].",
-)
-@click.option(
-    "--inpaint", type=click.Choice(MASKS), help="Fill in the masked part of test images [with pc]."
-)
-@click.option(
-    "--from-test",
-    type=click.IntRange(0, 9999),
-    default=0,
-    help="First test-set index for --inpaint.",
-)
-@click.option(
-    "--interpolate", type=click.IntRange(0, 9999), nargs=2, help="Morph test image A into B."
-)
-@click.option(
-    "--data",
-    "data_dir",
-    type=click.Path(file_okay=False),
-    default=data.DATA_DIR,
-    help="FashionMNIST folder.",
-)
-def main(**flags):
-    """Sample images from a score-based model (Song et al. 2021)."""
-    source = click.get_current_context().get_parameter_source("solver")
-    if flags["inpaint"] and source == click.core.ParameterSource.DEFAULT:
-        flags["solver"] = "pc"  # the default solver cannot inpaint
-    if flags["interpolate"]:  # encoding and decoding are the probability-flow ODE's
-        if source == click.core.ParameterSource.COMMANDLINE and flags["solver"] != "ode":
-            console.print(f"note: --interpolate uses the ODE, not {flags['solver']}")
-        flags["solver"] = "ode"
-    opts = Options(**flags)
-    suffix = check_output(opts.out)
-    opts.device = data.resolve_device(opts.device)
-    opts.ckpt_path = opts.ckpt_path or data.default_checkpoint()
-    ckpt = checkpoint.load(opts.ckpt_path, opts.device, use_ema=opts.ema)
-    opts.n = opts.n or {"sample": 64, "inpaint": 8, "interpolate": 10}[opts.mode]
-    opts.steps = opts.steps or sgm.SOLVERS[opts.solver].steps
-    if opts.mode == "interpolate" and opts.label not in (None, "none"):
-        raise click.ClickException(
-            "--interpolate decodes through the ODE without labels: drop --label"
-        )
-    labels, nrow, opts.guidance, labels_used = make_labels(opts, ckpt)
-    opts.n = len(labels) if labels is not None else opts.n
-    if opts.mode != "sample":
-        images = check_test_inputs(opts, ckpt, suffix)
-    warn_unused_options(opts)
-    console.print(f"{opts.solver}: {labels_used}", highlight=False)
-
-    start, frames = time.time(), []
-    columns = (BarColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn())
-    with Progress(TextColumn(opts.solver), *columns, console=console) as progress:
-        if opts.mode == "interpolate":
-            progress.add_task("", total=None, status="encoding and decoding through the ODE")
-            a, b = (
-                data.to_model_range(images[i : i + 1], ckpt.data_range) for i in opts.interpolate
-            )
-            a, b = a.to(opts.device), b.to(opts.device)
-            kwargs = dict(eps=opts.eps, **opts.solver_options)  # the ODE's rtol and atol
-            x, nfe = interpolate(ckpt.score_fn(), ckpt.sde, a, b, opts.n, **kwargs)
-            x, nrow = torch.cat([a, x, b]), opts.n + 2
-        else:
-            if opts.mode == "inpaint":
-                generator = torch.Generator().manual_seed(opts.seed)
-                opts.mask = make_mask(opts.inpaint, images.shape[1:], generator).to(opts.device)
-                opts.known, nrow = images[opts.from_test : opts.from_test + opts.n], opts.n
-            x, nfe = run_chunks(ckpt, labels, opts, progress, frames)
-    wall = time.time() - start
-    write_output(x, frames, labels, ckpt, opts.out, nrow)
-    source = f"from {opts.ckpt_path}"
-    if opts.mode != "sample":
-        source = f"{opts.mode}, from {os.path.basename(opts.ckpt_path)}"
-    console.print(
-        f"[bold]{opts.solver}[/]: {opts.n} images, {nfe:.0f} NFE per sample, {wall:.1f} s, "
-        f"{opts.n / wall:.2f} img/s on {opts.device} -> {opts.out} ({source})"
-    )
-
-
-def warn_unused_options(opts):
-    """Name the solver options given on the command line that the solver does not take."""
-    for name in [name for name in opts.given_options if name not in opts.solver_options]:
-        flag = "--" + name.replace("_", "-")
-        console.print(f"note: {opts.solver} does not use {flag}; ignored", highlight=False)
-
-
-def check_test_inputs(opts, ckpt, suffix):
-    """For --inpaint and --interpolate: check the options, then load the test images."""
-    if suffix != ".png":
-        raise click.ClickException(f"--{opts.mode} writes a .png grid; got --out {opts.out}")
-    images = load_test_images(ckpt, opts.mode, opts.data_dir)[0]
-    if opts.mode == "inpaint" and opts.solver not in sgm.INPAINTING_SOLVERS:
-        names = ", ".join(sgm.INPAINTING_SOLVERS)
-        raise click.ClickException(
-            f"--inpaint needs a solver that re-noises every step ({names}), not {opts.solver}"
-        )
-    if opts.mode == "inpaint" and opts.from_test + opts.n > len(images):
-        raise click.ClickException(
-            f"--from-test {opts.from_test} --n {opts.n} runs past the {len(images)} test images"
-        )
-    return images
+        frames = frames[:: max(1, len(frames) // 50)] + [(final, final)]
+        data.save_gif(frames, out, min(8, len(final)))
+    source = f"from {ckpt_path}" if mode == "sample" else f"{mode}, from {ckpt_path}"
+    console.print(f"[bold]{solver}[/]: {n} images, {nfe:.0f} NFE per sample, {wall:.1f} s, "
+                  f"{n / wall:.2f} img/s on {device} -> {out} ({source})")  # fmt: skip
 
 
 if __name__ == "__main__":

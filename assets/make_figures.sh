@@ -11,7 +11,7 @@
 #       --ema-ramp 0 --out runs/$s > runs/$s.out 2>&1 & done; wait
 # The shipped model is the reference run (122 minutes on 2 cores, nothing else running):
 #   python train.py --preset quick --sde subvp --channels 16 --batch-size 64 --ema-decay 0.999 \
-#       --minutes 122 --snapshot-minutes 30,60,90 --out runs/ref > runs/ref.log 2>&1
+#       --steps 13126 --snapshot-minutes 30,60,90 --out runs/ref > runs/ref.log 2>&1
 # `ship` replaces checkpoints/fmnist.pt with runs/ref's EMA weights (REF=folder for another run);
 # `figures` needs only checkpoints/fmnist.pt.
 set -euo pipefail

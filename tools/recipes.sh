@@ -47,7 +47,7 @@ for ((i = 0; i < ${#ARMS[@]}; i += 2)); do
     flags=${arm#*:}
     folders+=("$OUT/$name")
     # shellcheck disable=SC2086  # the flags split into words on purpose
-    OMP_NUM_THREADS=1 python train.py --preset quick --minutes "$MINUTES" --snapshot-minutes 5,10 \
+    OMP_NUM_THREADS=1 python train.py --preset quick --sde vp --time-limit "$MINUTES" --snapshot-minutes 5,10 \
       --sample-every 100000 --log-every 100 --out "$OUT/$name" $flags > "$OUT/$name.log" 2>&1 &
     pids+=($!)
   done
