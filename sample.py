@@ -31,11 +31,11 @@ MASKS = ("left", "right", "top", "bottom", "center", "random")
 N_DEFAULT = {"sample": 64, "inpaint": 8, "interpolate": 10}
 STEPS = {name: "adaptive" if name == "ode" else s.steps for name, s in sgm.SOLVERS.items()}
 SOLVER_OPTIONS = {solver: data.solver_options(solver) for solver in sgm.SOLVERS}  # with defaults
-SOLVER_FLAGS = {"predictor": "Predictor", "corrector": "Corrector", "snr": "Langevin SNR",
-                "corrector_steps": "Corrector steps per step", "rtol": "ODE relative tolerance",
-                "atol": "ODE absolute tolerance", "s_churn": "Churn", "s_noise": "Noise scale",
+SOLVER_FLAGS = {"predictor": "Predictor", "corrector": "Corrector", "snr": "Signal-to-noise ratio",
+                "corrector_steps": "Corrector steps per time step", "rtol": "Relative tolerance",
+                "atol": "Absolute tolerance", "s_churn": "Churn",
                 "s_tmin": "Churn from this noise level", "s_tmax": "Churn up to this noise level",
-                "eta": "Stochasticity"}  # fmt: skip
+                "s_noise": "Noise scale", "eta": "Stochasticity"}  # fmt: skip
 
 
 def per_solver(values):
@@ -56,9 +56,7 @@ def solver_flags(command):
     return command
 
 
-class Command(data.Command):
-    """data.Command's one-line errors; Ctrl-C exits 130, having written nothing."""
-
+class Command(data.Command):  # data.Command's one-line errors; Ctrl-C exits 130, writing nothing
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -68,8 +66,8 @@ class Command(data.Command):
 
 
 def make_labels(text, ckpt, n, mode, seed):
-    """--label -> (labels (n,) or None, what they are). Without --label, a conditional model draws
-    them from the training classes' frequencies: it samples p(x) = sum_y p(y) p(x | y)."""
+    """--label -> (labels (n,) or None, what they are). Without it, a conditional model draws them
+    from the class prior, sampling p(x) = sum_y p(y) p(x | y); for test images, it takes none."""
     classes = ckpt.model_config.num_classes
     name = str(text).lower().replace("_", "-").replace(" ", "-")
     digit = text and text.isascii() and text.isdigit() and int(text) < classes  # "²" is a digit too
@@ -79,7 +77,7 @@ def make_labels(text, ckpt, n, mode, seed):
     if target not in (None, "none", "all") and not isinstance(target, int):
         raise click.ClickException(f"unknown --label {text!r}: use 0-{classes - 1}, 'all', "
                                    f"'none' or one of {', '.join(data.CLASSES)}")  # fmt: skip
-    if target == "none" or not classes or target is None and mode != "sample":  # test images
+    if target == "none" or not classes or target is None and mode != "sample":
         return None, "the dropped label's score" if classes else "unconditional"
     if target == "all":
         return torch.arange(classes).repeat_interleave(max(1, n // classes)), "one row per class"
@@ -141,11 +139,13 @@ def interpolate(score_fn, sde, x_a, x_b, n=8, **kwargs):
 @click.option("--batch-size", type=click.IntRange(1), default=256, help="Images per chunk.")
 @click.option("--out", type=click.Path(dir_okay=False), default="samples.png",
               help=".png grid, .npz uint8 array or .gif animation.")  # fmt: skip
-@click.option("--label", help="Class index or name, 'all' (a row per class) or 'none' (no label).")
+@click.option("--label", help="Class index or name (sneaker, ankle-boot, ...), 'all' (a row per "
+              "class) or 'none' (the dropped label) [drawn from the class prior].")  # fmt: skip
 @click.option("--guidance", type=data.Number(0, 1e3), help="Guidance w [1 with --label, else 0].")
 @click.option("--inpaint", type=click.Choice(MASKS), help="Fill in part of test images [pc].")
 @click.option("--from-test", type=click.IntRange(0, 9999), default=0, help="First test image.")
-@click.option("--interpolate", "pair", type=click.IntRange(0, 9999), nargs=2, help="A, B.")
+@click.option("--interpolate", "pair", type=click.IntRange(0, 9999), nargs=2,
+              help="Morph test image A into B.")  # fmt: skip
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), default=data.DATA_DIR)
 def main(ckpt_path, solver, n, steps, eps, seed, device, ema, batch_size, out, label, guidance,
          inpaint, from_test, pair, data_dir, **flags):  # fmt: skip
