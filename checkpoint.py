@@ -6,9 +6,10 @@ Training state: what a checkpoint holds and how it is written and read.
     PRESETS         train.py --preset: `default` for a GPU, `quick` for a laptop CPU
     Checkpoint      a trained model with its SDE, data range and configs; `score_fn` and
                     `prior_labels` for sampling
-    save / load
-                    atomic writes of weights that pass `weights_problem`; loads with
+    save / load     atomic writes of weights that pass `weights_problem`; loads with
                     torch.load(weights_only=True), everything loaded checked, one-line errors
+    a run           train.py's run folder (which files are its own, what may be replaced), a
+                    fresh checkpoint, and the EMA and optimizer restored for --resume
 
 The paper's mathematics is in sgm.py; this is the bookkeeping around it, used by train.py,
 sample.py and evaluate.py.
@@ -146,7 +147,7 @@ class TrainConfig:
 
 PRESETS = {  # train.py --preset: what each changes from TrainConfig's defaults
     "default": dict(conditional=True),  # 6.19 M parameters, for a GPU
-    "quick": dict(  # 0.17 M parameters, for a laptop CPU: 16 minutes on 2 cores (README)
+    "quick": dict(  # 0.17 M parameters, for a laptop CPU (README: its time on 2 cores)
         conditional=True, channels=8, channel_mult=(1, 2, 4), num_res_blocks=1, dropout=0.0,
         batch_size=32, steps=6500, lr=2e-3, warmup=100, lr_schedule="constant", ema_decay=0.995,
         sample_every=2500, ckpt_every=500,

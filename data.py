@@ -1,10 +1,12 @@
 """
 FashionMNIST in and images out, for train.py, sample.py and evaluate.py.
 
-Loading (torchvision, with an offline fallback to the original .gz files), scaling between uint8
-pixels and the model's data range (with dequantization) in one place, class names, the devices,
-the default checkpoint, the scripts' comma-separated lists, and writing files atomically (PNG
-grids, .npz arrays, GIFs, tables and, for checkpoint.py, checkpoints).
+Loading (torchvision, with an offline fallback to the original .gz files) and the order of the
+training batches, scaling between uint8 pixels and the model's data range (with dequantization)
+in one place, class names, the devices (and whether bf16 pays), the default checkpoint, writing
+files atomically (PNG grids, .npz arrays, GIFs, tables and, for checkpoint.py, checkpoints), and
+the scripts' edge: their one error handler, the click type of every number, and the solver
+options with their checks, read from the samplers' signatures.
 """
 
 import contextlib

@@ -257,9 +257,9 @@ def main():
 ckpt_option = click.option(
     "--ckpt",
     "ckpt_path",
-    type=click.Path(dir_okay=False),
+    type=click.Path(),
     default=None,
-    help="Checkpoint [as sample.py].",
+    help="Checkpoint or train.py run folder [as sample.py].",
 )
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 data_option = click.option(
@@ -323,7 +323,7 @@ def parse_arm(text):
 @data_option
 def fd_command(ckpt_path, arm, steps, n, rtol, atol, seed, labels, device, data_dir):
     """Frechet distance of N samples to the test set, the real-data floor, the class histogram."""
-    device, ckpt_path = data.resolve_device(device), ckpt_path or data.default_checkpoint()
+    device, ckpt_path = data.resolve_device(device), data.find_checkpoint(ckpt_path)
     solver, options = parse_arm(arm)
     steps = steps or sgm.SOLVERS[solver].steps
     if solver == "ode":  # the flags, unless the arm gives its own
@@ -362,7 +362,7 @@ def fd_command(ckpt_path, arm, steps, n, rtol, atol, seed, labels, device, data_
 @data_option
 def bpd_command(ckpt_path, n, batch_size, rtol, atol, seed, device, data_dir):
     """Test-set bits/dim with uniform dequantization and the Hutchinson trace estimator."""
-    device, ckpt_path = data.resolve_device(device), ckpt_path or data.default_checkpoint()
+    device, ckpt_path = data.resolve_device(device), data.find_checkpoint(ckpt_path)
     ckpt = checkpoint.load(ckpt_path, device)
     images, _ = data.load_fashion_mnist(data_dir, train=False)
     images = images[:n] if n else images
@@ -507,7 +507,7 @@ def sweep_table(rows, header):
 def sweep_command(ckpt_path, n, solvers, max_steps, out, seed, labels, device, data_dir):
     """FD against NFE for every solver at several step counts (the ODE at several tolerances),
     each point from the same prior noise (and labels)."""
-    device, ckpt_path = data.resolve_device(device), ckpt_path or data.default_checkpoint()
+    device, ckpt_path = data.resolve_device(device), data.find_checkpoint(ckpt_path)
     arms = [
         (a.strip().partition("@")[0], *parse_sweep_arm(a)) for a in solvers.split(",") if a.strip()
     ]
@@ -853,7 +853,7 @@ class TutorialScoreNet(nn.Module):
 @data_option
 def guidance_command(ckpt_path, weights, n, solver, steps, out, seed, device, data_dir):
     """Class accuracy (by the evaluation classifier) and per-class FD of guided samples, per w."""
-    device, ckpt_path = data.resolve_device(device), ckpt_path or data.default_checkpoint()
+    device, ckpt_path = data.resolve_device(device), data.find_checkpoint(ckpt_path)
     ckpt, steps = checkpoint.load(ckpt_path, device), steps or sgm.SOLVERS[solver].steps
     config = ckpt.model_config
     if not config.num_classes:

@@ -70,7 +70,7 @@ def make_labels(text, ckpt, n, mode, seed):
     from the class prior, sampling p(x) = sum_y p(y) p(x | y); for test images, it takes none."""
     classes = ckpt.model_config.num_classes
     name = str(text).lower().replace("_", "-").replace(" ", "-")
-    digit = text and text.isascii() and text.isdigit() and int(text) < classes  # "²" is a digit too
+    digit = text and text.isascii() and text.isdigit() and int(text) < classes  # not "²"
     target = int(text) if digit else data.CLASSES.index(name) if name in data.CLASSES else text
     if text not in (None, "none") and not classes:
         raise click.ClickException("--label needs a class-conditional checkpoint (--conditional)")

@@ -58,7 +58,7 @@ def setup_processes(device):
 def build_config(ctx, flags, device, stored=None):
     """The run's TrainConfig: the preset, then the flags given. On --resume, the stored config; a
     flag that contradicts it is refused, except those in RESUMABLE. On a CPU, bf16 autocast is
-    used only when --amp is given: it made the quick preset 5x slower on a CPU with native bf16."""
+    used only when --amp is given: the quick preset ran 1.7x slower with it (docs/results.md)."""
     names = {f.name for f in dataclasses.fields(checkpoint.TrainConfig)}
     source = ctx.get_parameter_source
     given = {
@@ -340,7 +340,7 @@ def preset_help(name, text=""):
 
 
 PRESET_HELP = (
-    "quick: 0.17 M parameters, 6,500 steps of 32 images, for a CPU (about 30 minutes on 2 cores); "
+    "quick: 0.17 M parameters, 6,500 steps of 32 images, for a CPU (about 7 minutes on 2 cores); "
     "default: 6.19 M parameters, 100,000 steps of 128, for a GPU."
 )
 
