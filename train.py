@@ -262,8 +262,7 @@ def train(run):
     snapshots = [m for m in run.snapshots if 60 * m > seconds_before]
     # Ctrl-C and SIGTERM (a timeout, a scheduler) set run.stop: the step ends, is saved, and stops.
     stop = lambda signum, frame: setattr(run, "stop", signum)
-    signals = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) != signal.SIG_IGN]
-    handlers = {sig: signal.signal(sig, stop) for sig in signals}  # an ignored signal stays ignored
+    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with progress:
             progress.add_task("train", total=cfg.steps, completed=start, status="")
