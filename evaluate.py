@@ -8,7 +8,7 @@ Measure a score-based model: sample quality, test-set bits/dim, quality against 
     python evaluate.py export runs/vp/ckpt.pt --out my.pt                  # EMA-only, fp16
     python evaluate.py runs runs/a runs/b --seeds 0,1                      # FD of training runs
     python evaluate.py speed
-    python evaluate.py train-classifier                  # rebuilds checkpoints/classifier.pt
+    python evaluate.py train-classifier --overwrite      # rebuilds checkpoints/classifier.pt
 
 FD is the Frechet distance between Gaussians fitted to the 256-d penultimate features of a small
 FashionMNIST classifier (checkpoints/classifier.pt, committed and hash-checked, so every machine
@@ -638,7 +638,8 @@ def runs_command(folders, n, seeds, out, snapshots, labels, device, data_dir):
                 images = ckpt.step * cfg.batch_size
                 rows.append(dict(run=folder, recipe=recipe(cfg), rate=rate, minutes=minutes,
                                  step=ckpt.step, images=images, fds=fds))  # fmt: skip
-                progress.console.print(f"{folder}, {minutes:.3g} min: FD {fds}")
+                shown = " / ".join(f"{fd:.2f}" for fd in fds)
+                progress.console.print(f"{folder}, {minutes:.3g} min: FD {shown}")
                 data.save_text(runs_table(rows, header), out + ".md")
     console.print(runs_table(rows, header) + f"wrote {out}.md")
 
@@ -758,7 +759,7 @@ def compare_command(ckpt_paths, solvers, nfe, n, out, seed, labels, device, data
     "--n",
     type=click.IntRange(0),
     default=1000,
-    help="Samples for the FD check before and after; 0 skips it.",
+    help="Samples for the FD check before and after (at least 2); 0 skips it.",
 )
 @click.option("--seed", type=int, default=0)
 @device_option
@@ -773,6 +774,8 @@ def export_command(ckpt_path, out, overwrite, half, n, seed, device, data_dir):
         )
     if os.path.exists(out) and not overwrite:
         raise click.ClickException(f"--out {out} exists; give --overwrite to replace it")
+    if n == 1:
+        raise click.ClickException("--n 1: an FD needs at least 2 samples (0 skips the check)")
     data.check_writable(out)
     exported = checkpoint.load(ckpt_path, "cpu")  # the EMA weights, where the file has them
     kind = "EMA weights" if exported.is_ema else "weights (the file has no EMA)"
@@ -990,13 +993,16 @@ def speed_command(batch_size, channels, model, iters, device):
 
 @main.command("train-classifier")
 @click.option("--epochs", type=click.IntRange(1), default=5)
-@click.option("--out", default=CLASSIFIER)
+@click.option("--out", default=CLASSIFIER, show_default=True, help="The hash-checked FD features.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (else refused).")
 @click.option("--seed", type=int, default=0)
 @device_option
 @data_option
-def train_classifier_command(epochs, out, seed, device, data_dir):
+def train_classifier_command(epochs, out, overwrite, seed, device, data_dir):
     """Train the feature classifier (a few CPU minutes; needs 92% test accuracy), print its hash."""
     device = data.resolve_device(device)
+    if os.path.exists(out) and not overwrite:
+        raise click.ClickException(f"--out {out} exists; give --overwrite to replace it")
     data.check_writable(out)
     torch.manual_seed(seed)
     images, labels = data.load_fashion_mnist(data_dir, train=True)

@@ -335,7 +335,8 @@ def preset_help(name, text=""):
     default = getattr(checkpoint.TrainConfig(), name)
     values = {p: changes.get(name, default) for p, changes in checkpoint.PRESETS.items()}
     shown = ", ".join(f"{p} preset: {v}" for p, v in values.items())
-    return f"{text} [{default if len(set(values.values())) == 1 else shown}]".strip()
+    same = len(set(values.values())) == 1  # then the presets' common value
+    return f"{text} [{next(iter(values.values())) if same else shown}]".strip()
 
 
 PRESET_HELP = (
