@@ -230,16 +230,6 @@ class Checkpoint:
         return labels.to(device)
 
 
-def sde_from_config(config):
-    """The SDE stored in a checkpoint. Files written before the short names stored the class."""
-    config = dict(config)
-    name = config.pop("name")
-    classes = [cls for cls in sgm.SDES.values() if name in (cls.name, cls.__name__)]
-    if not classes:
-        raise CheckpointError(f"unknown SDE {name!r}; known: {', '.join(sgm.SDES)}")
-    return classes[0](**config)
-
-
 def save(ckpt_path, ckpt, *, ema=None, optimizer=None, rng=None, log=None, half=False):
     """Write `ckpt` atomically: its net's weights (as "ema" if ckpt.is_ema, else as "model"), and
     for a resumable training checkpoint the EMA, optimizer and RNG states and train.py's log
@@ -362,14 +352,18 @@ def make_model_config(stored):
 
 
 def make_sde(stored):
-    """The SDE, its numbers checked (sgm trusts its caller): finite, positive, ordered."""
+    """The SDE stored as {"name", its numbers}, checked (sgm trusts its caller): a known name
+    (files written before the short names stored the class's), numbers finite, positive, ordered."""
     numbers = {k: v for k, v in stored.items() if k != "name"}
     for name, value in numbers.items():
         data.check_number(name, value, 0, 1e6, low_open=True)
     for low, high in (("sigma_min", "sigma_max"), ("beta_min", "beta_max")):
         if low in numbers and high in numbers and not numbers[low] < numbers[high]:
             raise ValueError(f"{high} must be above {low}, not {numbers[high]!r}")
-    return sde_from_config(stored)
+    classes = [cls for cls in sgm.SDES.values() if stored["name"] in (cls.name, cls.__name__)]
+    if not classes:
+        raise CheckpointError(f"unknown SDE {stored['name']!r}; known: {', '.join(sgm.SDES)}")
+    return classes[0](**numbers)
 
 
 def check_extra(extra, num_classes):

@@ -108,10 +108,6 @@ def gunzip(source, path):
         raise DataError(f"{source} cannot be decompressed ({e}): replace it") from None
 
 
-TMP_PREFIX = ".sgm-tmp-"  # atomic_write's temporary files: .sgm-tmp-<pid>-<random>.tmp
-STALE_SECONDS = 60
-
-
 def training_data(data_dir, limit, global_batch):
     """Training images (N, C, H, W) uint8 and labels (N,): the first `limit`, if set."""
     images, labels = load_fashion_mnist(data_dir, train=True)
@@ -141,6 +137,10 @@ def epoch_permutation(n, seed, epoch):
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         _permutation[key] = torch.randperm(n, generator=generator)
     return _permutation[key]
+
+
+TMP_PREFIX = ".sgm-tmp-"  # atomic_write's temporary files: .sgm-tmp-<pid>-<random>.tmp
+STALE_SECONDS = 60
 
 
 def atomic_write(path, write):
