@@ -440,7 +440,7 @@ def check_run_folder(out, resume, overwrite):
         names = ", ".join(foreign or [os.path.basename(path) for path in found])
         why = "not sgm checkpoints" if foreign else "no sgm checkpoint shows them to be a run's"
         raise sgm.SGMError(f"{out} holds {names} ({why}): nothing there is replaced; "
-                                   "give another --out")  # fmt: skip
+                           "give another --out")  # fmt: skip
     if not overwrite:
         held = "a run's snapshots: use "
         if "ckpt.pt" in steps:
@@ -493,9 +493,7 @@ def training_state(ckpt, cfg, device, rank, path):
     if ckpt.resume is not None:
         try:
             ema.load_state_dict(ckpt.resume["ema"])
-            moments = ckpt.resume["optimizer"][
-                "state"
-            ]  # with this config's settings, not the file's
+            moments = ckpt.resume["optimizer"]["state"]  # this config's settings, not the file's
             optimizer.load_state_dict({**optimizer.state_dict(), "state": moments})
         except (KeyError, TypeError, AttributeError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"{path}: damaged resume state ({data.first_line(e)})") from None
