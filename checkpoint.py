@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-import data
+import cli
+import files
 import sgm
 
 
@@ -107,17 +108,17 @@ class TrainConfig:
             if type(getattr(self, name)) is not bool:
                 raise sgm.SGMError(f"{name} must be true or false, not {getattr(self, name)!r}")
         for name, low, high in INT_RANGES:
-            data.check_int(name, getattr(self, name), low, high)
+            cli.check_int(name, getattr(self, name), low, high)
         if not 1 <= len(self.channel_mult) <= 8:
             raise sgm.SGMError(f"channel_mult must have 1 to 8 levels, not {self.channel_mult}")
         for mult in self.channel_mult:
-            data.check_int("a channel_mult level", mult, 1, 64)
-        data.check_number("dropout", self.dropout, 0, 0.99)
-        data.check_number("lr", self.lr, 0, 1e3, low_open=True)
-        data.check_number("ema_decay", self.ema_decay, 0, 1)
-        data.check_number("grad_clip", self.grad_clip, 0, 1e6, low_open=True)
-        data.check_number("label_dropout", self.label_dropout, 0, 1)
-        data.check_number("ema_ramp", self.ema_ramp, 0, 1)
+            cli.check_int("a channel_mult level", mult, 1, 64)
+        cli.check_number("dropout", self.dropout, 0, 0.99)
+        cli.check_number("lr", self.lr, 0, 1e3, low_open=True)
+        cli.check_number("ema_decay", self.ema_decay, 0, 1)
+        cli.check_number("grad_clip", self.grad_clip, 0, 1e6, low_open=True)
+        cli.check_number("label_dropout", self.label_dropout, 0, 1)
+        cli.check_number("ema_ramp", self.ema_ramp, 0, 1)
         if self.noise_sampling not in sgm.NOISE_SAMPLINGS:
             raise sgm.SGMError(f"noise_sampling must be one of {', '.join(sgm.NOISE_SAMPLINGS)}")
         if self.noise_sampling == "lognormal" and self.likelihood_weighting:
@@ -128,7 +129,7 @@ class TrainConfig:
         if self.sigma_max is not None:
             if self.sde != "ve":
                 raise sgm.SGMError(f"sigma_max is the VE SDE's: not with the {self.sde} SDE")
-            data.check_number("sigma_max", self.sigma_max, sgm.VESDE.sigma_min, 1e6, low_open=True)
+            cli.check_number("sigma_max", self.sigma_max, sgm.VESDE.sigma_min, 1e6, low_open=True)
 
     def make_sde(self):
         return (
@@ -256,7 +257,7 @@ def save(ckpt_path, ckpt, *, ema=None, optimizer=None, rng=None, log=None, half=
         "log": log,
         "extra": {**ckpt.extra, "train": asdict(ckpt.train_config)},
     }
-    data.save_torch(state, ckpt_path)
+    files.save_torch(state, ckpt_path)
 
 
 def load(ckpt_path, device="cpu", use_ema=True):
@@ -270,7 +271,7 @@ def load(ckpt_path, device="cpu", use_ema=True):
             warnings.simplefilter("ignore")
             state = torch.load(ckpt_path, map_location=device, weights_only=True)
     except Exception as e:
-        reason = data.first_line(e)
+        reason = cli.first_line(e)
         if "Weights only load failed" in reason:
             reason = "it holds objects that weights_only=True refuses: a foreign or unsafe file"
         raise CheckpointError(f"{ckpt_path}: not a readable checkpoint ({reason})") from None
@@ -281,12 +282,12 @@ def load(ckpt_path, device="cpu", use_ema=True):
     except (KeyError, TypeError, AttributeError, RuntimeError, ValueError, IndexError,
             AssertionError, OverflowError, ZeroDivisionError) as e:  # fmt: skip
         what = "resume state" if isinstance(e, ResumeStateError) else "sgm checkpoint"
-        raise CheckpointError(f"{ckpt_path}: damaged {what} ({data.first_line(e)})") from None
+        raise CheckpointError(f"{ckpt_path}: damaged {what} ({cli.first_line(e)})") from None
 
 
 def from_state(state, device, use_ema):
     """A Checkpoint from what `load` read; ValueError (and the like) for anything unfit."""
-    data.check_int("step", state["step"], 0, 10**12)
+    cli.check_int("step", state["step"], 0, 10**12)
     model_config = make_model_config(state["config"])
     sde = make_sde(state["sde"])
     if tuple(state["data_range"]) != sde.data_range:
@@ -316,7 +317,7 @@ def from_state(state, device, use_ema):
             check_optimizer(resume["optimizer"], net)
             check_log(resume["log"])
         except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
-            raise ResumeStateError(data.first_line(e)) from None
+            raise ResumeStateError(cli.first_line(e)) from None
     return Checkpoint(
         net=net.eval().requires_grad_(False),
         sde=sde,
@@ -338,14 +339,14 @@ def make_model_config(stored):
     """The network's configuration, checked (sgm.UNet trusts its caller)."""
     config = sgm.ModelConfig(**{**stored, "channel_mult": tuple(stored["channel_mult"])})
     for name, low, high in MODEL_INTS:
-        data.check_int(name, getattr(config, name), low, high)
+        cli.check_int(name, getattr(config, name), low, high)
     levels = len(config.channel_mult)
     for mult in config.channel_mult:
-        data.check_int("a channel_mult level", mult, 1, 64)
+        cli.check_int("a channel_mult level", mult, 1, 64)
     if not 1 <= levels <= 8 or config.image_size % 2 ** (levels - 1):
         raise ValueError(f"image_size {config.image_size} does not halve {levels - 1} times")
-    data.check_number("dropout", config.dropout, 0, 0.99)
-    data.check_number("fourier_scale", config.fourier_scale, 0, 1e6, low_open=True)
+    cli.check_number("dropout", config.dropout, 0, 0.99)
+    cli.check_number("fourier_scale", config.fourier_scale, 0, 1e6, low_open=True)
     if type(config.attention) is not bool:
         raise ValueError(f"attention {config.attention!r}")
     return config
@@ -356,7 +357,7 @@ def make_sde(stored):
     (files written before the short names stored the class's), numbers finite, positive, ordered."""
     numbers = {k: v for k, v in stored.items() if k != "name"}
     for name, value in numbers.items():
-        data.check_number(name, value, 0, 1e6, low_open=True)
+        cli.check_number(name, value, 0, 1e6, low_open=True)
     for low, high in (("sigma_min", "sigma_max"), ("beta_min", "beta_max")):
         if low in numbers and high in numbers and not numbers[low] < numbers[high]:
             raise ValueError(f"{high} must be above {low}, not {numbers[high]!r}")
@@ -374,7 +375,7 @@ def check_extra(extra, num_classes):
         fits = isinstance(counts, (list, tuple)) and len(counts) == num_classes
         if not (fits and all(type(c) is int and c >= 0 for c in counts) and sum(counts) > 0):
             raise ValueError(f"class_counts {counts!r} are not {num_classes} counts, some positive")
-    data.check_number("train_seconds", extra.get("train_seconds", 0.0), 0, 1e10)
+    cli.check_number("train_seconds", extra.get("train_seconds", 0.0), 0, 1e10)
     if not isinstance(extra.get("train", {}), dict):
         raise ValueError("the stored training configuration is not a table")
 
@@ -404,8 +405,8 @@ def check_log(log):
         loss_sum = log["loss_sum"]
         if loss_sum.numel() != 1 or not torch.isfinite(loss_sum).all():
             raise ValueError(f"log loss_sum {loss_sum!r}")
-        data.check_int("log count", log["count"], 0, 10**10)
-        data.check_number("log seconds", log["seconds"], 0, 1e10)
+        cli.check_int("log count", log["count"], 0, 10**10)
+        cli.check_number("log seconds", log["seconds"], 0, 1e10)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -426,7 +427,7 @@ def check_run_folder(out, resume, overwrite):
     run (each of its checkpoints loads); no other file is ever touched."""
     if os.path.isfile(out):
         raise sgm.SGMError(f"--out {out} is a file, not a folder")
-    data.check_writable(os.path.join(out, "ckpt.pt"))
+    cli.check_writable(os.path.join(out, "ckpt.pt"))
     found = run_files(out)
     if resume or not found:
         return
@@ -453,7 +454,7 @@ def start_run_folder(out, resume_step=None):
     run removes the run files check_run_folder allowed it to replace; a resumed run drops the log
     rows written after its checkpoint, so each step appears once."""
     os.makedirs(out, exist_ok=True)
-    data.remove_stale(out)
+    files.remove_stale(out)
     log_path = os.path.join(out, "log.jsonl")
     if resume_step is None:
         for path in run_files(out):
@@ -467,7 +468,7 @@ def start_run_folder(out, resume_step=None):
                         rows.append(line)
                 except (ValueError, KeyError, TypeError):  # a line cut short by a kill
                     pass
-        data.save_text("".join(rows), log_path)
+        files.save_text("".join(rows), log_path)
 
 
 def new_checkpoint(cfg, images, labels, device):
@@ -496,7 +497,7 @@ def training_state(ckpt, cfg, device, rank, path):
             moments = ckpt.resume["optimizer"]["state"]  # this config's settings, not the file's
             optimizer.load_state_dict({**optimizer.state_dict(), "state": moments})
         except (KeyError, TypeError, AttributeError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"{path}: damaged resume state ({data.first_line(e)})") from None
+            raise CheckpointError(f"{path}: damaged resume state ({cli.first_line(e)})") from None
         rng = ckpt.resume["rng"]
         if rng is not None and rank == 0:
             torch.set_rng_state(rng["cpu"].cpu())

@@ -38,7 +38,9 @@ from rich.console import Console
 from rich.progress import Progress
 
 import checkpoint
+import cli
 import data
+import files
 import sgm
 
 console = Console(stderr=True, soft_wrap=True)
@@ -279,7 +281,7 @@ labels_option = click.option(
 def tolerance_options(command):
     """--rtol and --atol, the probability-flow ODE's tolerances (fd, bpd)."""
     for name in ("--atol", "--rtol"):
-        kind = data.Number(*data.OPTION_RANGES[name[2:]])
+        kind = cli.Number(*cli.OPTION_RANGES[name[2:]])
         command = click.option(name, type=kind, default=1e-5, help="ODE tolerance.")(command)
     return command
 
@@ -290,7 +292,7 @@ def parse_arm(text):
     if solver not in sgm.SOLVERS:
         names = ", ".join(sgm.SOLVERS)
         raise click.ClickException(f"unknown solver {solver!r}; choose from {names}")
-    known, options = data.solver_options(solver), {}
+    known, options = cli.solver_options(solver), {}
     for pair in pairs:
         key, _, value = pair.partition("=")
         if key not in known:
@@ -302,7 +304,7 @@ def parse_arm(text):
         except ValueError:
             what = {float: "a number", int: "a whole number"}.get(kind, "a name")
             raise click.ClickException(f"{text}: {key} takes {what}, not {value!r}") from None
-    data.check_solver_options({**known, **options})
+    cli.check_solver_options({**known, **options})
     return solver, options
 
 
@@ -323,7 +325,7 @@ def parse_arm(text):
 @data_option
 def fd_command(ckpt_path, arm, steps, n, rtol, atol, seed, labels, device, data_dir):
     """Frechet distance of N samples to the test set, the real-data floor, the class histogram."""
-    device, ckpt_path = data.resolve_device(device), data.find_checkpoint(ckpt_path)
+    device, ckpt_path = cli.resolve_device(device), cli.find_checkpoint(ckpt_path)
     solver, options = parse_arm(arm)
     steps = steps or sgm.SOLVERS[solver].steps
     if solver == "ode":  # the flags, unless the arm gives its own
@@ -362,7 +364,7 @@ def fd_command(ckpt_path, arm, steps, n, rtol, atol, seed, labels, device, data_
 @data_option
 def bpd_command(ckpt_path, n, batch_size, rtol, atol, seed, device, data_dir):
     """Test-set bits/dim with uniform dequantization and the Hutchinson trace estimator."""
-    device, ckpt_path = data.resolve_device(device), data.find_checkpoint(ckpt_path)
+    device, ckpt_path = cli.resolve_device(device), cli.find_checkpoint(ckpt_path)
     ckpt = checkpoint.load(ckpt_path, device)
     images, _ = data.load_fashion_mnist(data_dir, train=False)
     images = images[:n] if n else images
@@ -460,7 +462,7 @@ def plot_sweep(rows, floor, path, title):
         draw.text((W - right + 8, top + 16 * k), arm, fill=color)
     draw.text((left, 12), title + "; both axes log scale", fill="black")
     draw.text((left + (W - left - right) // 2 - 60, H - 22), "NFE per sample", fill="black")
-    data.atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    files.atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def parse_sweep_arm(text):
@@ -476,7 +478,7 @@ def parse_sweep_arm(text):
     if any(s <= 0 for s in steps):
         raise click.ClickException(f"{text}: the step counts after @ must be positive")
     for tolerance in steps if solver == "ode" else ():  # rtol = atol = each
-        data.check_solver_options({"rtol": tolerance, "atol": tolerance})
+        cli.check_solver_options({"rtol": tolerance, "atol": tolerance})
     return solver, options, steps or SWEEP_STEPS[solver]
 
 
@@ -507,14 +509,14 @@ def sweep_table(rows, header):
 def sweep_command(ckpt_path, n, solvers, max_steps, out, seed, labels, device, data_dir):
     """FD against NFE for every solver at several step counts (the ODE at several tolerances),
     each point from the same prior noise (and labels)."""
-    device, ckpt_path = data.resolve_device(device), data.find_checkpoint(ckpt_path)
+    device, ckpt_path = cli.resolve_device(device), cli.find_checkpoint(ckpt_path)
     arms = [
         (a.strip().partition("@")[0], *parse_sweep_arm(a)) for a in solvers.split(",") if a.strip()
     ]
     if not arms:
         raise click.ClickException("--solvers names no solver")
-    data.check_writable(out + ".md")
-    data.check_writable(out + ".png")
+    cli.check_writable(out + ".md")
+    cli.check_writable(out + ".png")
     ckpt = checkpoint.load(ckpt_path, device)
     for _, solver, options, _ in arms:
         check_arm(ckpt, solver, options)
@@ -539,7 +541,7 @@ def sweep_command(ckpt_path, n, solvers, max_steps, out, seed, labels, device, d
                 fd = scorer.fd(images)[0]
                 rows.append(dict(arm=arm, setting=setting, nfe=nfe, fd=fd, seconds=seconds))
                 progress.console.print(f"{arm} {setting:g}: FD {fd:.2f} at {nfe:.0f} NFE")
-                data.save_text(sweep_table(rows, header), out + ".md")  # nothing lost on Ctrl-C
+                files.save_text(sweep_table(rows, header), out + ".md")  # nothing lost on Ctrl-C
                 plot_sweep(rows, floor, out + ".png", title)
     console.print(sweep_table(rows, header) + f"wrote {out}.md and {out}.png")
 
@@ -612,9 +614,9 @@ def runs_command(folders, n, seeds, out, snapshots, labels, device, data_dir):
     """Compare training runs: FD (heun, 35 NFE) of every snapshot (train.py --snapshot-minutes)
     and final checkpoint of each run folder, with the same noise for all, beside the run's
     recipe, training throughput and images seen. With several seeds, an FD per seed."""
-    device = data.resolve_device(device)
-    seeds = data.parse_list(seeds, "--seeds", int, "whole numbers")
-    data.check_writable(out + ".md")
+    device = cli.resolve_device(device)
+    seeds = cli.parse_list(seeds, "--seeds", int, "whole numbers")
+    cli.check_writable(out + ".md")
     runs = [(folder, *run_points(folder, snapshots)) for folder in folders]  # all checked first
     scorer = Scorer(data_dir, device)
     floors = " / ".join(f"{scorer.floor(n, seed):.2f}" for seed in seeds)
@@ -640,7 +642,7 @@ def runs_command(folders, n, seeds, out, snapshots, labels, device, data_dir):
                                  step=ckpt.step, images=images, fds=fds))  # fmt: skip
                 shown = " / ".join(f"{fd:.2f}" for fd in fds)
                 progress.console.print(f"{folder}, {minutes:.3g} min: FD {shown}")
-                data.save_text(runs_table(rows, header), out + ".md")
+                files.save_text(runs_table(rows, header), out + ".md")
     console.print(runs_table(rows, header) + f"wrote {out}.md")
 
 
@@ -684,7 +686,7 @@ def compare_command(ckpt_paths, solvers, nfe, n, out, seed, labels, device, data
     """The SDE x solver table: FD, NFE and seconds of each checkpoint with each solver at its
     standard setting: the few-step solvers (heun, edm, dpmpp_*) at their default steps, the ODE
     adaptive (rtol = atol = 1e-5), the paper's SDE solvers at --nfe evaluations."""
-    device = data.resolve_device(device)
+    device = cli.resolve_device(device)
     chosen = [s.strip() for s in solvers.split(",") if s.strip()]
     if not chosen:
         raise click.ClickException("--solvers names no solver")
@@ -694,7 +696,7 @@ def compare_command(ckpt_paths, solvers, nfe, n, out, seed, labels, device, data
                 f"unknown solver {s!r}; choose from {', '.join(sgm.SOLVERS)}"
             )
     if out:
-        data.check_writable(out)
+        cli.check_writable(out)
     ckpts = [(path, checkpoint.load(path, device)) for path in ckpt_paths]  # all, first
     for (_, ckpt), solver in itertools.product(ckpts, chosen):
         check_arm(ckpt, solver, {})
@@ -742,7 +744,7 @@ def compare_command(ckpt_paths, solvers, nfe, n, out, seed, labels, device, data
     )
     summary = heun_versus_stochastic(rows, ckpt_paths, nfe)
     if out:
-        data.save_text(header + table + summary, out)
+        files.save_text(header + table + summary, out)
     console.print(header + table + summary)
 
 
@@ -767,7 +769,7 @@ def compare_command(ckpt_paths, solvers, nfe, n, out, seed, labels, device, data
 def export_command(ckpt_path, out, overwrite, half, n, seed, device, data_dir):
     """Write a training checkpoint's EMA weights alone (no optimizer, no raw weights), to ship, and
     compare the FD of the exported weights with the original's on the same noise (heun, 35 NFE)."""
-    device = data.resolve_device(device)
+    device = cli.resolve_device(device)
     if os.path.abspath(out) == os.path.abspath(ckpt_path):
         raise click.ClickException(
             f"--out {out} is the checkpoint itself; write the export elsewhere"
@@ -776,7 +778,7 @@ def export_command(ckpt_path, out, overwrite, half, n, seed, device, data_dir):
         raise click.ClickException(f"--out {out} exists; give --overwrite to replace it")
     if n == 1:
         raise click.ClickException("--n 1: an FD needs at least 2 samples (0 skips the check)")
-    data.check_writable(out)
+    cli.check_writable(out)
     exported = checkpoint.load(ckpt_path, "cpu")  # the EMA weights, where the file has them
     kind = "EMA weights" if exported.is_ema else "weights (the file has no EMA)"
     exported.is_ema = True  # stored as the EMA weights, alone
@@ -856,7 +858,7 @@ class TutorialScoreNet(nn.Module):
 @data_option
 def guidance_command(ckpt_path, weights, n, solver, steps, out, seed, device, data_dir):
     """Class accuracy (by the evaluation classifier) and per-class FD of guided samples, per w."""
-    device, ckpt_path = data.resolve_device(device), data.find_checkpoint(ckpt_path)
+    device, ckpt_path = cli.resolve_device(device), cli.find_checkpoint(ckpt_path)
     ckpt, steps = checkpoint.load(ckpt_path, device), steps or sgm.SOLVERS[solver].steps
     config = ckpt.model_config
     if not config.num_classes:
@@ -866,7 +868,7 @@ def guidance_command(ckpt_path, weights, n, solver, steps, out, seed, device, da
     ws = parse_weights(weights)
     check_arm(ckpt, solver, {})
     if out:
-        data.check_writable(out)
+        cli.check_writable(out)
     scorer = Scorer(data_dir, device)
     floors = [scorer.floor(n, seed, label=c) for c in range(10)]
     rows = []
@@ -909,15 +911,15 @@ def guidance_command(ckpt_path, weights, n, solver, steps, out, seed, device, da
     header = f"Guided samples: {solver}, {steps} steps, {n} per class; {ckpt_path}; "
     header += f"{machine()}, {device}.\n\n"
     if out:
-        data.save_text(header + table, out)
+        files.save_text(header + table, out)
     console.print(header + table)
 
 
 def parse_weights(text):
     """'0,1,3' -> [0.0, 1.0, 3.0], each a finite guidance weight."""
-    ws = data.parse_list(text, "--weights")
+    ws = cli.parse_list(text, "--weights")
     for w in ws:
-        data.check_number("a guidance weight", w, 0, 1e3)
+        cli.check_number("a guidance weight", w, 0, 1e3)
     return ws
 
 
@@ -936,7 +938,7 @@ def parse_weights(text):
 @device_option
 def speed_command(batch_size, channels, model, iters, device):
     """Training and sampling throughput (img/s) of a freshly initialised model on this device."""
-    device = data.resolve_device(device)
+    device = cli.resolve_device(device)
     cfg = checkpoint.TrainConfig(**checkpoint.PRESETS["quick" if model == "quick" else "default"])
     if model == "tutorial":
         net = TutorialScoreNet()
@@ -1000,10 +1002,10 @@ def speed_command(batch_size, channels, model, iters, device):
 @data_option
 def train_classifier_command(epochs, out, overwrite, seed, device, data_dir):
     """Train the feature classifier (a few CPU minutes; needs 92% test accuracy), print its hash."""
-    device = data.resolve_device(device)
+    device = cli.resolve_device(device)
     if os.path.exists(out) and not overwrite:
         raise click.ClickException(f"--out {out} exists; give --overwrite to replace it")
-    data.check_writable(out)
+    cli.check_writable(out)
     torch.manual_seed(seed)
     images, labels = data.load_fashion_mnist(data_dir, train=True)
     test_images, test_labels = data.load_fashion_mnist(data_dir, train=False)
@@ -1037,7 +1039,7 @@ def train_classifier_command(epochs, out, overwrite, seed, device, data_dir):
         )
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     weights = {k: v.cpu() for k, v in net.state_dict().items()}
-    data.save_torch(weights, out)
+    files.save_torch(weights, out)
     console.print(
         f"test accuracy {accuracy:.4f}; wrote {out}, sha256 {sha256(out)} "
         "(set CLASSIFIER_SHA256 to it)"

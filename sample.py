@@ -23,14 +23,16 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 import checkpoint
+import cli
 import data
+import files
 import sgm
 
 console = Console(stderr=True, soft_wrap=True)
 MASKS = ("left", "right", "top", "bottom", "center", "random")
 N_DEFAULT = {"sample": 64, "inpaint": 8, "interpolate": 10}
 STEPS = {name: "adaptive" if name == "ode" else s.steps for name, s in sgm.SOLVERS.items()}
-SOLVER_OPTIONS = {solver: data.solver_options(solver) for solver in sgm.SOLVERS}  # with defaults
+SOLVER_OPTIONS = {solver: cli.solver_options(solver) for solver in sgm.SOLVERS}  # with defaults
 SOLVER_FLAGS = {"predictor": "Predictor", "corrector": "Corrector", "snr": "Signal-to-noise ratio",
                 "corrector_steps": "Corrector steps per time step", "rtol": "Relative tolerance",
                 "atol": "Absolute tolerance", "s_churn": "Churn",
@@ -48,15 +50,15 @@ def solver_flags(command):
     """A flag per solver option, None unless given; its help names its solvers and defaults."""
     for name, what in reversed(SOLVER_FLAGS.items()):
         defaults = {s: takes[name] for s, takes in SOLVER_OPTIONS.items() if name in takes}
-        kind = data.option_type(name, next(iter(defaults.values())))
-        if isinstance(kind, data.Number):  # its range; "(" where the low end is excluded
+        kind = cli.option_type(name, next(iter(defaults.values())))
+        if isinstance(kind, cli.Number):  # its range; "(" where the low end is excluded
             what += f" in {'(' if kind.low_open else '['}{kind.low:g}, {kind.high:g}]"
         flags = ["--" + name.replace("_", "-"), *(["--churn"] if name == "s_churn" else []), name]
         command = click.option(*flags, type=kind, help=f"{what} [{per_solver(defaults)}].")(command)
     return command
 
 
-class Command(data.Command):  # data.Command's one-line errors; Ctrl-C exits 130, writing nothing
+class Command(cli.Command):  # cli.Command's one-line errors; Ctrl-C exits 130, writing nothing
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -132,7 +134,7 @@ def interpolate(score_fn, sde, x_a, x_b, n=8, **kwargs):
 @click.option("--n", type=click.IntRange(1), help=f"Images [{per_solver(N_DEFAULT)}].")
 @click.option("--steps", type=click.IntRange(1), help=f"Time steps [{per_solver(STEPS)}].")
 @solver_flags
-@click.option("--eps", type=data.Number(0, 0.5, low_open=True), default=1e-3, help="Final time.")
+@click.option("--eps", type=cli.Number(0, 0.5, low_open=True), default=1e-3, help="Final time.")
 @click.option("--seed", type=int, default=0)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--ema/--no-ema", default=True, help="Sample with the EMA weights.")
@@ -141,7 +143,7 @@ def interpolate(score_fn, sde, x_a, x_b, n=8, **kwargs):
               help=".png grid, .npz uint8 array or .gif animation.")  # fmt: skip
 @click.option("--label", help="Class index or name (sneaker, ankle-boot, ...), 'all' (a row per "
               "class) or 'none' (the dropped label) [drawn from the class prior].")  # fmt: skip
-@click.option("--guidance", type=data.Number(0, 1e3), help="Guidance w [1 with --label, else 0].")
+@click.option("--guidance", type=cli.Number(0, 1e3), help="Guidance w [1 with --label, else 0].")
 @click.option("--inpaint", type=click.Choice(MASKS), help="Fill in part of test images [pc].")
 @click.option("--from-test", type=click.IntRange(0, 9999), default=0, help="First test image.")
 @click.option("--interpolate", "pair", type=click.IntRange(0, 9999), nargs=2,
@@ -157,7 +159,7 @@ def main(ckpt_path, solver, n, steps, eps, seed, device, ema, batch_size, out, l
     solver = "ode" if mode == "interpolate" else solver or ("pc" if inpaint else "dpmpp_2m_sde")
     given = {name: flags[name] for name in SOLVER_FLAGS if flags[name] is not None}
     options = {name: value for name, value in given.items() if name in SOLVER_OPTIONS[solver]}
-    data.check_solver_options({**SOLVER_OPTIONS[solver], **options}, flags=True)
+    cli.check_solver_options({**SOLVER_OPTIONS[solver], **options}, flags=True)
     suffix = os.path.splitext(out)[1].lower()
     if suffix not in (".png", ".npz", ".gif"):
         raise click.ClickException(f"--out {out}: the suffix must be .png, .npz or .gif")
@@ -168,12 +170,12 @@ def main(ckpt_path, solver, n, steps, eps, seed, device, ema, batch_size, out, l
                                    f"{', '.join(sgm.INPAINTING_SOLVERS)})")  # fmt: skip
     if mode == "interpolate" and label not in (None, "none"):
         raise click.ClickException("--interpolate decodes without labels: drop --label")
-    data.check_writable(out)
+    cli.check_writable(out)
     for flag in ["--" + name.replace("_", "-") for name in given if name not in options]:
         console.print(f"note: {solver} does not use {flag}; ignored", highlight=False)
 
     # Load: the checkpoint, the labels and, to inpaint or interpolate, test images
-    ckpt_path, device = data.find_checkpoint(ckpt_path), data.resolve_device(device)
+    ckpt_path, device = cli.find_checkpoint(ckpt_path), cli.resolve_device(device)
     ckpt = checkpoint.load(ckpt_path, device, use_ema=ema)
     n, steps = n or N_DEFAULT[mode], steps or sgm.SOLVERS[solver].steps
     labels, labels_used = make_labels(label, ckpt, n, mode, seed)
@@ -234,13 +236,13 @@ def main(ckpt_path, solver, n, steps, eps, seed, device, ema, batch_size, out, l
 
     # Write: a grid, an array, or the reverse process (~50 frames, then the samples)
     if suffix == ".png":
-        data.save_png(x, ckpt.data_range, out, nrow)
+        files.save_png(x, ckpt.data_range, out, nrow)
     elif suffix == ".npz":
-        data.save_npz(x, ckpt.data_range, out, labels)
+        files.save_npz(x, ckpt.data_range, out, labels)
     else:
         final = data.to_uint8(x[:64], ckpt.data_range).cpu()
         frames = frames[:: max(1, len(frames) // 50)] + [(final, final)]
-        data.save_gif(frames, out, min(8, len(final)))
+        files.save_gif(frames, out, min(8, len(final)))
     source = f"from {ckpt_path}" if mode == "sample" else f"{mode}, from {ckpt_path}"
     console.print(f"[bold]{solver}[/]: {n} images, {nfe:.0f} NFE per sample, {wall:.1f} s, "
                   f"{n / wall:.2f} img/s on {device} -> {out} ({source})")  # fmt: skip

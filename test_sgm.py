@@ -18,6 +18,9 @@ import torch
 from click.testing import CliRunner
 
 import checkpoint
+import cli
+import data
+import files
 import sgm
 
 SDES = [sgm.VESDE(), sgm.VPSDE(), sgm.SubVPSDE()]
@@ -478,20 +481,19 @@ def test_every_predictor_with_every_corrector(sde, predictor, corrector):
 
 
 def test_solver_options_are_checked_at_the_edge():
-    """data.check_solver_options (the scripts' edge) refuses bad values with one line, before any work."""
-    import data
+    """cli.check_solver_options (the scripts' edge) refuses bad values with one line, before any work."""
     for options, message in [(dict(s_churn=float("nan")), "s_churn"), (dict(eta=1.5), "eta"), (dict(s_noise=-1.0), "s_noise"),
                              (dict(predictor="heun"), "unknown predictor"), (dict(corrector="x"), "unknown corrector"),
                              (dict(predictor="none", corrector="none"), "nothing to sample with"), (dict(snr=0.0), "snr"),
                              (dict(corrector_steps=2.5), "whole number"), (dict(s_tmin=10.0, s_tmax=1.0), "s_tmin is above s_tmax"),
                              (dict(rtol=1e-30), "rtol"), (dict(atol=float("nan")), "atol"), (dict(rtol=-1.0), "rtol")]:
-        solver = next(s for s in sgm.SOLVERS if set(options) <= set(data.solver_options(s)))
+        solver = next(s for s in sgm.SOLVERS if set(options) <= set(cli.solver_options(s)))
         with pytest.raises(sgm.SGMError, match=message):
-            data.check_solver_options({**data.solver_options(solver), **options})
+            cli.check_solver_options({**cli.solver_options(solver), **options})
     with pytest.raises(sgm.SGMError, match="--s-churn must be"):
-        data.check_solver_options(dict(s_churn=-1.0), flags=True)
+        cli.check_solver_options(dict(s_churn=-1.0), flags=True)
     with pytest.raises(sgm.SGMError, match="nothing to sample with"):  # ald is pc without a predictor
-        data.check_solver_options({**data.solver_options("ald"), "corrector_steps": 0})
+        cli.check_solver_options({**cli.solver_options("ald"), "corrector_steps": 0})
     sde = sgm.VPSDE()
     assert sgm.sample(gaussian_score(sde), sde, (4, 4), "pc", 3, corrector_steps=0)[1] == 3  # the predictor alone
 
@@ -513,7 +515,6 @@ def test_a_solver_refuses_options_it_does_not_take():
 def test_every_solver_has_the_one_signature():
     import inspect
 
-    import data
     for name, solver in sgm.SOLVERS.items():
         params = list(inspect.signature(solver.sample).parameters.values())
         assert [p.name for p in params[:4]] == ["score_fn", "sde", "x", "ts"], name
@@ -523,11 +524,11 @@ def test_every_solver_has_the_one_signature():
         assert keyword_only["generator"] is None and keyword_only["callback"] is None, name
         assert ("project" in keyword_only) == solver.inpaints, name  # only those that re-noise inpaint
         assert solver.steps >= 1 and solver.grid in (sgm.time_grid, sgm.edm_time_grid), name
-        assert set(data.solver_options(name)) <= set(data.OPTION_RANGES) | set(data.OPTION_CHOICES), name
-    assert data.solver_options("pc") == {"predictor": "reverse_diffusion", "corrector": "langevin", "snr": 0.16, "corrector_steps": 1}
-    assert data.solver_options("ode") == {"rtol": 1e-5, "atol": 1e-5} and data.solver_options("em") == {}
-    assert data.solver_options("edm") == {"s_churn": 20.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.0}
-    assert data.solver_options("dpmpp_2m_sde") == {"eta": 1.0, "s_noise": 1.0} and data.solver_options("dpmpp_2m") == {}
+        assert set(cli.solver_options(name)) <= set(cli.OPTION_RANGES) | set(cli.OPTION_CHOICES), name
+    assert cli.solver_options("pc") == {"predictor": "reverse_diffusion", "corrector": "langevin", "snr": 0.16, "corrector_steps": 1}
+    assert cli.solver_options("ode") == {"rtol": 1e-5, "atol": 1e-5} and cli.solver_options("em") == {}
+    assert cli.solver_options("edm") == {"s_churn": 20.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.0}
+    assert cli.solver_options("dpmpp_2m_sde") == {"eta": 1.0, "s_noise": 1.0} and cli.solver_options("dpmpp_2m") == {}
     assert set(sgm.INPAINTING_SOLVERS) == {"em", "reverse_diffusion", "ancestral", "pc", "ald"}
 
 
@@ -537,9 +538,8 @@ def test_every_solver_matches_its_recorded_samples_on_the_shipped_model():
     sys.path.insert(0, os.path.join(HERE, "tools"))
     import solver_fixture
 
-    import data
     recorded = torch.load(os.path.join(HERE, "testdata", "solvers.pt"), weights_only=True)
-    ckpt, threads = checkpoint.load(data.SHIPPED), torch.get_num_threads()
+    ckpt, threads = checkpoint.load(cli.SHIPPED), torch.get_num_threads()
     torch.set_num_threads(1)  # as when they were recorded
     try:
         for name in solver_fixture.CASES:
@@ -791,7 +791,7 @@ def test_train_resume_from_an_export_is_refused(tiny_ckpt, tmp_path):
 
 
 def stale_temp(folder, name_pid=None):
-    """A temporary file as data.atomic_write leaves it when killed: a finished process's, an hour ago."""
+    """A temporary file as files.atomic_write leaves it when killed: a finished process's, an hour ago."""
     if name_pid is None:
         finished = subprocess.Popen(["true"])
         finished.wait()
@@ -921,7 +921,6 @@ def test_train_refuses_to_save_exploded_weights(tmp_path, cheap_grids):
 def test_train_missing_data_message(tmp_path, monkeypatch):
     import torchvision
 
-    import data
     import train
     monkeypatch.setattr(data, "DEBIAN_DIR", str(tmp_path / "nowhere"))
     monkeypatch.setattr(torchvision.datasets.FashionMNIST, "download", lambda self: (_ for _ in ()).throw(RuntimeError("offline")))
@@ -1079,13 +1078,12 @@ def test_shipped_checkpoint_loads_and_samples_by_default(tmp_path):
     """checkpoints/fmnist.pt: EMA weights only, fp16, class-conditional, and what sample.py uses by default."""
     import numpy as np
 
-    import data
     import sample
-    assert data.default_checkpoint() == data.SHIPPED and os.path.getsize(data.SHIPPED) <= 20e6
-    state = torch.load(data.SHIPPED, map_location="cpu", weights_only=True)
+    assert cli.default_checkpoint() == cli.SHIPPED and os.path.getsize(cli.SHIPPED) <= 20e6
+    state = torch.load(cli.SHIPPED, map_location="cpu", weights_only=True)
     assert state["model"] is None and state["optimizer"] is None and state["rng"] is None
     assert {v.dtype for v in state["ema"].values() if v.is_floating_point()} == {torch.float16}
-    ckpt = checkpoint.load(data.SHIPPED, "cpu")
+    ckpt = checkpoint.load(cli.SHIPPED, "cpu")
     assert ckpt.model_config.num_classes == 10 and next(ckpt.net.parameters()).dtype == torch.float32
     assert ckpt.is_ema and ckpt.resume is None and ckpt.train_config.conditional
     r = invoke(sample.main, ["--solver", "heun", "--steps", 3, "--n", 3, "--label", "bag", "--device", "cpu",
@@ -1177,7 +1175,6 @@ def few_test_images(monkeypatch):
     """data.load_fashion_mnist gives the first 1000 images: evaluate.py's FDs are against 1000 test
     images instead of 10,000 (the tests check the tables, not the distances, and the features of
     the whole test set would take most of their time)."""
-    import data
     import evaluate
     load = data.load_fashion_mnist
 
@@ -1263,11 +1260,10 @@ def test_evaluate_bpd_sweep_guidance_and_speed(tiny_ckpt, tmp_path, few_test_ima
 # ---------------------------------------------------------------- faults: bad numbers, hangs, I/O, interrupts
 
 def test_ode_solver_cannot_hang():
-    import data
     sde = sgm.VPSDE()
     for tol in (1e-30, 0.0, float("nan"), -1.0):  # refused at the edge, before any work
         with pytest.raises(sgm.SGMError, match="rtol"):
-            data.check_solver_options(dict(rtol=tol, atol=1e-5))
+            cli.check_solver_options(dict(rtol=tol, atol=1e-5))
     with pytest.raises(sgm.SGMError, match="non-finite"):  # exploded weights: NaN scores
         sgm.sample(lambda x, t: x * float("nan"), sde, (4, 4), "ode")
     with pytest.raises(sgm.SGMError, match="did not reach t = 1 in 20 steps"):  # a bounded number of steps
@@ -1369,7 +1365,6 @@ def test_io_failures_keep_files_and_give_one_line(tiny_ckpt, tmp_path, monkeypat
 
 
 def test_sample_cli_interrupt_and_output_folders(tiny_ckpt, tmp_path, monkeypatch):
-    import data
     import sample
     target = tmp_path / "new" / "deeper" / "x.png"
     r = run_sample("--ckpt", tiny_ckpt / "tiny.pt", "--label", "banana", "--out", target)
@@ -1481,7 +1476,6 @@ def test_ctrl_c_inside_a_command_stops_pytest(tmp_path, case, sig):
 
 
 def test_truncated_dataset_files_are_named(tmp_path):
-    import data
     raw = tmp_path / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
     for name in data.FILES:
@@ -1664,14 +1658,13 @@ def test_a_resumed_log_has_the_rows_of_the_uninterrupted_run(tmp_path, monkeypat
 
 def test_temporary_files_are_recognisably_the_projects(tmp_path):
     """Named .sgm-tmp-<pid>-*.tmp; a later write to the folder removes those a killed write left, and nothing else."""
-    import data
     names = []
 
     def write(tmp):
         names.append(os.path.basename(tmp))
         open(tmp, "w").write("x")
 
-    data.atomic_write(str(tmp_path / "a.md"), write)
+    files.atomic_write(str(tmp_path / "a.md"), write)
     assert names[0].startswith(f".sgm-tmp-{os.getpid()}-") and names[0].endswith(".tmp")
     stale = stale_temp(tmp_path)  # a finished process's, an hour old
     fresh = stale_temp(tmp_path)
@@ -1681,7 +1674,7 @@ def test_temporary_files_are_recognisably_the_projects(tmp_path):
     for path in others:
         path.write_bytes(b"the user's")
         os.utime(path, (time.time() - 3600,) * 2)
-    data.save_text("y", str(tmp_path / "b.md"))
+    files.save_text("y", str(tmp_path / "b.md"))
     assert not stale.exists() and fresh.exists() and live.exists() and all(path.exists() for path in others)
     target = tmp_path / "new" / "sub" / "c.png"  # a failed write leaves no temporary file or folder, and names its path
 
@@ -1690,7 +1683,7 @@ def test_temporary_files_are_recognisably_the_projects(tmp_path):
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError, match="No space left") as e:
-        data.atomic_write(str(target), disk_full)
+        files.atomic_write(str(target), disk_full)
     assert e.value.filename == str(target) and not (tmp_path / "new").exists()
 
 

@@ -29,7 +29,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 import checkpoint
+import cli
 import data
+import files
 import sgm
 
 console = Console(stderr=True, soft_wrap=True)
@@ -43,7 +45,7 @@ GRID_STEPS = sgm.SOLVERS["heun"].steps  # the sample grids: Heun, 35 NFE
 def setup_processes(device):
     """(device, world size, rank) for a plain run or a torchrun process; sets the CPU threads."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = data.resolve_device(device)
+    device = cli.resolve_device(device)
     if world > 1:
         if device == "cuda":
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -193,7 +195,7 @@ def sample_grid(run, step, n=64):
     generator = torch.Generator(run.device).manual_seed(0)
     x, _ = sgm.sample(sampler.score_fn(labels), sampler.sde, (n, *run.images.shape[1:]), "heun",
                       GRID_STEPS, generator=generator, device=run.device)  # fmt: skip
-    data.save_png(x, sampler.data_range, os.path.join(run.out, f"samples_{step:07d}.png"))
+    files.save_png(x, sampler.data_range, os.path.join(run.out, f"samples_{step:07d}.png"))
 
 
 def save_snapshot(run, step, minutes):
@@ -237,7 +239,7 @@ def report(run, log, progress, step, end, status, seconds_per_step):
 
 def announce(run, log):
     n_params = sum(p.numel() for p in run.ckpt.net.parameters()) / 1e6
-    precision = "bf16 autocast" if data.use_bf16(run.device, run.cfg.amp) else "fp32"
+    precision = "bf16 autocast" if cli.use_bf16(run.device, run.cfg.amp) else "fp32"
     precision += " (this CPU has no native bf16)" * (run.cfg.amp and precision == "fp32")
     log.print(
         f"[bold]sgm[/] {type(run.ckpt.sde).__name__} on {run.device} x{run.world} in {precision}, "
@@ -345,33 +347,33 @@ PRESET_HELP = (
 )
 
 
-@click.command(cls=data.Command, context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=cli.Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--preset", type=click.Choice(list(checkpoint.PRESETS)), default="default",
               show_default=True, help=PRESET_HELP)  # fmt: skip
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--sde", type=click.Choice(list(sgm.SDES)), help=preset_help("sde"))
 @click.option("--steps", type=click.IntRange(1), help=preset_help("steps", "Training steps"))
-@click.option("--epochs", type=data.Number(0, 1e6, low_open=True), help="Instead of --steps.")
-@click.option("--time-limit", type=data.Number(0, 1e6, low_open=True),
+@click.option("--epochs", type=cli.Number(0, 1e6, low_open=True), help="Instead of --steps.")
+@click.option("--time-limit", type=cli.Number(0, 1e6, low_open=True),
               help="Minutes of training (sampling excluded), then save and stop.")  # fmt: skip
 @click.option("--snapshot-minutes", hidden=True, help="Export the EMA at these minutes: 30,60.")
 @click.option("--batch-size", type=click.IntRange(1), help=preset_help("batch_size", "Per process"))
-@click.option("--lr", type=data.Number(0, 1e3, low_open=True), help=preset_help("lr"))
+@click.option("--lr", type=cli.Number(0, 1e3, low_open=True), help=preset_help("lr"))
 @click.option("--warmup", type=click.IntRange(0), help=preset_help("warmup", "Linear, in steps"))
 @click.option("--lr-schedule", type=click.Choice(checkpoint.LR_SCHEDULES),
               help=preset_help("lr_schedule", "After warm-up"))  # fmt: skip
-@click.option("--grad-clip", type=data.Number(0, 1e6, low_open=True), help=preset_help("grad_clip"))
-@click.option("--ema-decay", type=data.Number(0, 1), help=preset_help("ema_decay"))
-@click.option("--ema-ramp", type=data.Number(0, 1), help=preset_help(
+@click.option("--grad-clip", type=cli.Number(0, 1e6, low_open=True), help=preset_help("grad_clip"))
+@click.option("--ema-decay", type=cli.Number(0, 1), help=preset_help("ema_decay"))
+@click.option("--ema-ramp", type=cli.Number(0, 1), help=preset_help(
     "ema_ramp", "EMA half-life at most this fraction of the steps done; 0: fixed"))  # fmt: skip
 @click.option("--channels", type=click.IntRange(4), help=preset_help("channels", "U-Net width"))
 @click.option("--conditional/--no-conditional", default=None, help=preset_help(
     "conditional", "Labels, dropped at --label-dropout for guidance"))  # fmt: skip
-@click.option("--label-dropout", type=data.Number(0, 1), help=preset_help("label_dropout"))
+@click.option("--label-dropout", type=cli.Number(0, 1), help=preset_help("label_dropout"))
 @click.option("--likelihood-weighting", is_flag=True, help="lambda(t) = g(t)^2, not std(t)^2.")
 @click.option("--noise-sampling", type=click.Choice(sgm.NOISE_SAMPLINGS), help=preset_help(
     "noise_sampling", "How t is drawn (see sgm.training_times)"))  # fmt: skip
-@click.option("--sigma-max", type=data.Number(0, 1e6, low_open=True), help="VE only [50].")
+@click.option("--sigma-max", type=cli.Number(0, 1e6, low_open=True), help="VE only [50].")
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder [runs/<sde>].")
 @click.option("--resume", is_flag=True, help="Continue <out>/ckpt.pt with its stored config.")
 @click.option("--overwrite", is_flag=True, help="Replace the run in --out (else it is refused).")
@@ -414,7 +416,7 @@ def main(ctx, **flags):
     ckpt = stored or checkpoint.new_checkpoint(cfg, images, labels, device)
     ckpt.train_config = cfg
     ema, optimizer = checkpoint.training_state(ckpt, cfg, device, rank, f"{out}/ckpt.pt")
-    bf16 = data.use_bf16(device, cfg.amp)
+    bf16 = cli.use_bf16(device, cfg.amp)
     autocast = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=bf16)
     net = torch.compile(ckpt.net) if flags["use_compile"] else ckpt.net
     net = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
@@ -428,10 +430,10 @@ def main(ctx, **flags):
 def parse_minutes(text, budget):
     """--snapshot-minutes "5,10" -> [5.0, 10.0], each within the --time-limit budget."""
     minutes = (
-        sorted(set(data.parse_list(text, "--snapshot-minutes", what="minutes"))) if text else []
+        sorted(set(cli.parse_list(text, "--snapshot-minutes", what="minutes"))) if text else []
     )
     for value in minutes:
-        data.check_number("--snapshot-minutes", value, 0, 1e6, low_open=True)
+        cli.check_number("--snapshot-minutes", value, 0, 1e6, low_open=True)
     if budget and minutes and minutes[-1] > budget:
         raise click.ClickException(f"--snapshot-minutes {minutes[-1]:g} is past the run's "
                                    f"{budget:g} minutes")  # fmt: skip

@@ -14,10 +14,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint  # noqa: E402
+import cli  # noqa: E402
 import data  # noqa: E402
 import sgm  # noqa: E402
 
-OUT = os.path.join(os.path.dirname(data.SHIPPED), "..", "testdata", "solvers.pt")
+OUT = os.path.join(os.path.dirname(cli.SHIPPED), "..", "testdata", "solvers.pt")
 CASES = {  # name: (solver, steps, options); 10 steps for the paper's 1000-step solvers
     "em": ("em", 10, {}),
     "reverse_diffusion": ("reverse_diffusion", 10, {}),
@@ -54,7 +55,7 @@ def run_case(ckpt, name):
 
 def main():
     torch.set_num_threads(1)
-    ckpt = checkpoint.load(data.SHIPPED)
+    ckpt = checkpoint.load(cli.SHIPPED)
     results = {}
     for name in CASES:
         x, nfe = run_case(ckpt, name)
