@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 import cli
+import data
 import files
 import sgm
 
@@ -63,7 +64,7 @@ INT_RANGES = (  # TrainConfig's whole numbers: (name, lowest, highest)
     ("channels", 4, 1024), ("num_res_blocks", 1, 64), ("batch_size", 1, 2**20),
     ("steps", 1, 10**10), ("warmup", 0, 10**10), ("seed", -(2**31), 2**31 - 1),
     ("limit_data", 0, 10**9), ("log_every", 1, 10**10), ("sample_every", 1, 10**10),
-    ("ckpt_every", 1, 10**10),
+    ("ckpt_every", 1, 10**10), ("image_size", 0, 4096),
 )  # fmt: skip
 
 
@@ -94,6 +95,10 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA, and on CPUs with native bf16 (train.py: --amp)
     seed: int = 0
     limit_data: int = 0  # 0: all training images
+    data: str = "fashion-mnist"  # a dataset name, or the absolute path of a folder or .npz file
+    image_size: int = 0  # 0: the size the images have (all one); else resized and cropped
+    grayscale: bool = False  # one channel, whatever the images have
+    flip: bool = False  # random horizontal flips of the training images
     # May change on --resume:
     log_every: int = 50
     sample_every: int = 5000
@@ -104,11 +109,15 @@ class TrainConfig:
             raise sgm.SGMError(f"unknown SDE {self.sde!r}; known: {', '.join(sgm.SDES)}")
         if self.preset not in PRESETS:
             raise sgm.SGMError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
-        for name in ("conditional", "likelihood_weighting", "amp"):
+        for name in ("conditional", "likelihood_weighting", "amp", "grayscale", "flip"):
             if type(getattr(self, name)) is not bool:
                 raise sgm.SGMError(f"{name} must be true or false, not {getattr(self, name)!r}")
         for name, low, high in INT_RANGES:
             cli.check_int(name, getattr(self, name), low, high)
+        if not isinstance(self.data, str) or not self.data:
+            raise sgm.SGMError(f"data must name a dataset, not {self.data!r}")
+        if self.image_size and data.unet_levels(self.image_size) is None:
+            raise sgm.SGMError(f"image_size {self.image_size} cannot be halved down to 8 pixels")
         if not 1 <= len(self.channel_mult) <= 8:
             raise sgm.SGMError(f"channel_mult must have 1 to 8 levels, not {self.channel_mult}")
         for mult in self.channel_mult:
@@ -216,6 +225,22 @@ class Checkpoint:
         guidance of weight `guidance`."""
         score = sgm.score_model(self.net, self.sde)
         return score if labels is None else sgm.guided_score(score, labels, guidance)
+
+    @property
+    def classes(self):
+        """The class names of a conditional model (files of older versions: FashionMNIST's)."""
+        num_classes = self.model_config.num_classes
+        stored = self.extra.get("classes")
+        if stored is not None:
+            return tuple(stored)[:num_classes]
+        if num_classes == len(data.FASHION):
+            return data.FASHION
+        return tuple(map(str, range(num_classes)))
+
+    @property
+    def shape(self):
+        """The image shape (C, H, W)."""
+        return (self.model_config.image_channels, *[self.model_config.image_size] * 2)
 
     def prior_labels(self, n, seed=0, device=None):
         """n labels in the proportions of the training classes (`extra["class_counts"]`; equal
@@ -370,6 +395,11 @@ def make_sde(stored):
 def check_extra(extra, num_classes):
     """What the scripts read from `extra`: class counts (one per class, some positive) and the
     training time."""
+    classes = extra.get("classes")
+    if classes is not None:
+        named = isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes)
+        if not named or num_classes and len(classes) != num_classes:
+            raise ValueError(f"classes {classes!r} are not {num_classes} names")
     counts = extra.get("class_counts")
     if counts is not None:
         fits = isinstance(counts, (list, tuple)) and len(counts) == num_classes
@@ -471,18 +501,22 @@ def start_run_folder(out, resume_step=None):
         files.save_text("".join(rows), log_path)
 
 
-def new_checkpoint(cfg, images, labels, device):
-    """A fresh network (initialised from the seed) for this config and data. A conditional one
-    stores the class counts of its data, for unconditional sampling (`Checkpoint.prior_labels`)."""
+def new_checkpoint(cfg, images, labels, classes, device):
+    """A fresh network (initialised from the seed) for this config and data (N, C, S, S). It
+    stores the class names and, when conditional, the class counts of its data, for
+    unconditional sampling (`Checkpoint.prior_labels`)."""
+    num_classes = len(classes) if cfg.conditional else 0
     model_config = sgm.ModelConfig(image_channels=images.shape[1], image_size=images.shape[2],
                                    channels=cfg.channels, channel_mult=cfg.channel_mult,
                                    num_res_blocks=cfg.num_res_blocks, dropout=cfg.dropout,
-                                   num_classes=10 if cfg.conditional else 0)  # fmt: skip
+                                   num_classes=num_classes)  # fmt: skip
     sde = cfg.make_sde()
     net = sgm.UNet(model_config).to(device)
     ckpt = Checkpoint(net, sde, sde.data_range, model_config, cfg)
+    if classes:
+        ckpt.extra["classes"] = list(classes)
     if cfg.conditional:
-        ckpt.extra["class_counts"] = torch.bincount(labels, minlength=10).tolist()
+        ckpt.extra["class_counts"] = torch.bincount(labels, minlength=num_classes).tolist()
     return ckpt
 
 

@@ -9,6 +9,7 @@ import glob
 import inspect
 import math
 import os
+import platform
 import tempfile
 
 import click
@@ -20,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SHIPPED = os.path.join(HERE, "checkpoints", "fmnist.pt")
 
 
-class Command(click.Command):
+class OneLineErrors:
     """The scripts' one error handler: library errors (a bad checkpoint, missing data, ...) and I/O
     errors (a full disk, a read-only folder: the files written stay intact) become one line."""
 
@@ -31,6 +32,14 @@ class Command(click.Command):
             raise click.ClickException(str(e)) from None
         except OSError as e:
             raise click.ClickException(f"{e.filename or 'I/O'}: {e.strerror or e}") from None
+
+
+class Command(OneLineErrors, click.Command):
+    pass
+
+
+class Group(OneLineErrors, click.Group):
+    pass
 
 
 def first_line(error, limit=100):
@@ -195,3 +204,15 @@ def option_type(name, default):
         return click.Choice(OPTION_CHOICES[name])
     low, high, *low_open = OPTION_RANGES[name]
     return click.IntRange(low, high) if type(default) is int else Number(low, high, *low_open)
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    threads = torch.get_num_threads()
+    return f"{cpu} ({os.cpu_count()} cores, {threads} threads){gpu}, torch {torch.__version__}"

@@ -9,11 +9,14 @@ Measure a score-based model: sample quality, test-set bits/dim, quality against 
     python evaluate.py runs runs/a runs/b --seeds 0,1                      # FD of training runs
     python evaluate.py speed
     python evaluate.py train-classifier --overwrite      # rebuilds checkpoints/classifier.pt
+    python evaluate.py train-classifier --data my_images --image-size 32 --out my_features.pt
+    python evaluate.py fd --ckpt runs/mine --classifier my_features.pt
 
 FD is the Frechet distance between Gaussians fitted to the 256-d penultimate features of a small
-FashionMNIST classifier (checkpoints/classifier.pt, committed and hash-checked, so every machine
-scores on the same scale). Inception features suit 28x28 grayscale badly and cannot be downloaded
-here; the numbers are therefore not comparable to published FIDs, only to each other. Each FD comes
+classifier of the model's dataset: FashionMNIST's is checkpoints/classifier.pt (committed and
+hash-checked, so every machine scores on the same scale); train-classifier builds one for any
+labelled dataset. Inception features suit 28x28 grayscale badly and cannot be downloaded here;
+the numbers are therefore not comparable to published FIDs, only to each other. Each FD comes
 with its floor: N training images against the test set, what a perfect model would score with N.
 """
 
@@ -26,7 +29,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import sys
 import time
 
@@ -48,6 +50,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CLASSIFIER = os.path.join(HERE, "checkpoints", "classifier.pt")
 HEUN_STEPS = sgm.SOLVERS["heun"].steps  # 35 NFE: every training-run FD, and train.py's grids
 CLASSIFIER_SHA256 = "e4a16879aac282cec5f7be1381fdc19615a1d04e7a8c641bbfd5e62c4e33bfc8"
+CLASSIFIER_FORMAT = "sgm-classifier-1"
+FASHION_FEATURES = dict(
+    data="fashion-mnist",
+    image_size=0,
+    grayscale=False,
+    shape=(1, 28, 28),
+    classes=data.FASHION,
+    mean=0.286,
+    std=0.353,
+)  # the shipped network's
 
 
 # ------------------------------------------------------------------------------------------------
@@ -60,26 +72,27 @@ def conv_bn_relu(in_ch, out_ch):
 
 
 class Classifier(nn.Module):
-    """A small CNN for 1x28x28 images; `features` gives the 256-d penultimate activations."""
+    """A small CNN for (C, S, S) images; `features` gives the 256-d penultimate activations."""
 
-    def __init__(self):
+    def __init__(self, shape=(1, 28, 28), num_classes=10, mean=0.286, std=0.353):
         super().__init__()
+        channels, size, self.mean, self.std = shape[0], shape[-1] // 2 // 2, mean, std
         self.body = nn.Sequential(
-            *conv_bn_relu(1, 32),
+            *conv_bn_relu(channels, 32),
             *conv_bn_relu(32, 32),
-            nn.MaxPool2d(2),  # 14x14
+            nn.MaxPool2d(2),  # 14x14 for 28x28 images
             *conv_bn_relu(32, 64),
             *conv_bn_relu(64, 64),
             nn.MaxPool2d(2),  # 7x7
             nn.Flatten(),
             nn.Dropout(0.3),
-            nn.Linear(64 * 49, 256),
+            nn.Linear(64 * size * size, 256),
             nn.ReLU(),
         )
-        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(256, 10))
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(256, num_classes))
 
-    def features(self, images):  # uint8 (B, 1, 28, 28) -> (B, 256)
-        return self.body((images.float() / 255 - 0.286) / 0.353)
+    def features(self, images):  # uint8 (B, C, S, S) -> (B, 256)
+        return self.body((images.float() / 255 - self.mean) / self.std)
 
     def forward(self, images):
         return self.head(self.features(images))
@@ -90,22 +103,28 @@ def sha256(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def load_classifier(path=CLASSIFIER, expected=None, device="cpu"):
-    expected = expected or CLASSIFIER_SHA256
+def load_classifier(path=None, device="cpu"):
+    """The feature network (in eval mode) and what it was trained on: data, image_size,
+    grayscale, shape, classes. None: the shipped FashionMNIST one, whose hash is checked."""
+    if path is None and os.path.isfile(CLASSIFIER) and sha256(CLASSIFIER) != CLASSIFIER_SHA256:
+        raise click.ClickException(
+            f"{CLASSIFIER}: sha256 {sha256(CLASSIFIER)[:16]}... does not match the expected "
+            f"{CLASSIFIER_SHA256[:16]}...; the file was modified. Restore it "
+            f"(git checkout {os.path.relpath(CLASSIFIER, HERE)}) or rebuild it"
+        )
+    path = path or CLASSIFIER
     if not os.path.isfile(path):
-        raise click.ClickException(
-            f"{path}: classifier weights missing; rebuild them with "
-            "`python evaluate.py train-classifier`"
-        )
-    if sha256(path) != expected:
-        raise click.ClickException(
-            f"{path}: sha256 {sha256(path)[:16]}... does not match the expected "
-            f"{expected[:16]}...; the file was modified. Restore it "
-            f"(git checkout {os.path.relpath(path, HERE)}) or rebuild it"
-        )
-    net = Classifier()
-    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return net.to(device).eval()
+        raise click.ClickException(f"{path}: no such feature network; build one with "
+                                   "`python evaluate.py train-classifier`")  # fmt: skip
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        stored = state.get("format") == CLASSIFIER_FORMAT  # else FashionMNIST's plain weights
+        meta = {k: v for k, v in state.items() if k != "weights"} if stored else FASHION_FEATURES
+        net = Classifier(meta["shape"], len(meta["classes"]), meta["mean"], meta["std"])
+        net.load_state_dict(state["weights"] if stored else state)
+    except Exception as e:
+        raise click.ClickException(f"{path}: not a feature network ({cli.first_line(e)})") from None
+    return net.to(device).eval(), meta
 
 
 @torch.no_grad()
@@ -128,18 +147,6 @@ def frechet_distance(feats_a, feats_b):
     sqrt_a = eigvec @ torch.diag(eigval.clamp(min=0).sqrt()) @ eigvec.T
     cross = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
     return float((mu_a - mu_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * cross)
-
-
-def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    threads = torch.get_num_threads()
-    return f"{cpu} ({os.cpu_count()} cores, {threads} threads){gpu}, torch {torch.__version__}"
 
 
 def sample_labels(ckpt, labels, n, seed, device):
@@ -199,30 +206,53 @@ def check_arm(ckpt, solver, options):
 
 
 @functools.lru_cache(maxsize=2)
-def reference_features(data_dir, device):
-    """The classifier, and the features and labels of the 10,000 test images (once per process)."""
-    net = load_classifier(device=device)
-    images, labels = data.load_fashion_mnist(data_dir, train=False)
-    return net, features_and_classes(net, images)[0], labels
+def reference(classifier, root, device):
+    """The feature network, what it was trained on, and its dataset's test features and labels
+    (once per process)."""
+    net, meta = load_classifier(classifier, device)
+    test = load_reference(meta, root, train=False)
+    return net, meta, features_and_classes(net, test.images)[0], test.labels
+
+
+def load_reference(meta, root, train):
+    return data.load_shaped(meta["data"], root, train, meta["image_size"], meta["grayscale"],
+                            meta["shape"], "the feature network", note=console.print)  # fmt: skip
 
 
 class Scorer:
-    """FD against the test set (or one class of it); classifier and test features computed once."""
+    """FD against the feature network's test set (or one class of it), for checkpoints of its
+    dataset and shape: (path, checkpoint) pairs, each checked before any work."""
 
-    def __init__(self, data_dir, device):
-        self.data_dir, self.train = data_dir, None
-        self.net, self.test_feats, self.test_labels = reference_features(data_dir, device)
+    def __init__(self, ckpts, classifier, root, device):
+        self.root, self.train = root, None
+        net, meta = load_classifier(classifier, device)
+        for path, ckpt in ckpts:
+            if not data.same_data(ckpt.train_config.data, meta["data"]) or ckpt.shape != tuple(
+                meta["shape"]
+            ):
+                raise click.ClickException(
+                    f"{path} models {data.shape_text(ckpt.shape)} images of "
+                    f"{ckpt.train_config.data}; the feature network {classifier or CLASSIFIER} "
+                    f"scores {data.shape_text(meta['shape'])} images of {meta['data']}: give "
+                    "--classifier (python evaluate.py train-classifier --data D --out F)"
+                )
+        self.net, self.meta, self.test_feats, self.test_labels = reference(classifier, root, device)
+        if len(self.test_feats) < 2:
+            raise click.ClickException(f"{meta['data']} has {len(self.test_feats)} test image: an "
+                                       "FD needs at least 2")  # fmt: skip
 
     def fd(self, images, label=None):
         feats, classes = features_and_classes(self.net, images)
         reference = self.test_feats if label is None else self.test_feats[self.test_labels == label]
-        return frechet_distance(feats, reference), torch.bincount(classes, minlength=10)
+        return frechet_distance(feats, reference), torch.bincount(
+            classes, minlength=len(self.meta["classes"])
+        )
 
     def floor(self, n, seed=0, label=None):
         """FD of n training images (of one class, if given): a perfect model's score with n."""
         if self.train is None:
-            self.train = data.load_fashion_mnist(self.data_dir, train=True)
-        images, labels = self.train
+            self.train = load_reference(self.meta, self.root, train=True)
+        images, labels = self.train.images, self.train.labels
         if label is not None:
             images = images[labels == label]
         idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
@@ -233,17 +263,12 @@ class Scorer:
 # Commands
 
 
-class Group(click.Group):
-    """The one error handler: library errors (bad checkpoint, a solver the SDE lacks, ...) become
-    one line, whichever command raised them."""
+class Group(cli.Group):
+    """cli's one-line errors, whichever command raised them; Ctrl-C exits 130."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except sgm.SGMError as e:
-            raise click.ClickException(str(e)) from None
-        except OSError as e:  # a full disk, a read-only folder, ...
-            raise click.ClickException(f"{e.filename or 'I/O'}: {e.strerror or e}") from None
         except KeyboardInterrupt:
             console.print("interrupted; nothing written")
             sys.exit(130)
@@ -253,20 +278,21 @@ class Group(click.Group):
     cls=Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True}
 )
 def main():
-    """Evaluate score-based models on FashionMNIST."""
+    """Evaluate score-based models (FashionMNIST, or the data of --classifier)."""
 
 
-ckpt_option = click.option(
-    "--ckpt",
-    "ckpt_path",
-    type=click.Path(),
-    default=None,
-    help="Checkpoint or train.py run folder [as sample.py].",
-)
+HELP = "Checkpoint or train.py run folder [as sample.py]."
+ckpt_option = click.option("--ckpt", "ckpt_path", type=click.Path(), default=None, help=HELP)
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
-data_option = click.option(
-    "--data", "data_dir", type=click.Path(file_okay=False), default=data.DATA_DIR
-)
+
+
+def data_options(command):
+    """--classifier (the FD features and their dataset) and --data-root."""
+    root = click.option("--data-root", type=click.Path(file_okay=False), default=data.DATA_DIR)
+    classifier = click.option("--classifier", type=click.Path(dir_okay=False),
+                              help="FD feature network (train-classifier --out) "
+                              "[checkpoints/classifier.pt: FashionMNIST's].")  # fmt: skip
+    return classifier(root(command))
 
 
 labels_option = click.option(
@@ -322,8 +348,8 @@ def parse_arm(text):
 @click.option("--seed", type=int, default=0)
 @labels_option
 @device_option
-@data_option
-def fd_command(ckpt_path, arm, steps, n, rtol, atol, seed, labels, device, data_dir):
+@data_options
+def fd_command(ckpt_path, arm, steps, n, rtol, atol, seed, labels, device, classifier, data_root):
     """Frechet distance of N samples to the test set, the real-data floor, the class histogram."""
     device, ckpt_path = cli.resolve_device(device), cli.find_checkpoint(ckpt_path)
     solver, options = parse_arm(arm)
@@ -332,7 +358,7 @@ def fd_command(ckpt_path, arm, steps, n, rtol, atol, seed, labels, device, data_
         options = {"rtol": rtol, "atol": atol, **options}
     ckpt = checkpoint.load(ckpt_path, device)  # before the slow part: a bad path fails at once
     check_arm(ckpt, solver, options)
-    scorer = Scorer(data_dir, device)
+    scorer = Scorer([(ckpt_path, ckpt)], classifier, data_root, device)
     with Progress(console=console) as progress:
         images, nfe, seconds = generate(
             ckpt, solver, steps, n, device, seed=seed, progress=progress, labels=labels,
@@ -346,11 +372,11 @@ def fd_command(ckpt_path, arm, steps, n, rtol, atol, seed, labels, device, data_
     console.print(
         f"FD {fd:.2f} (floor {floor:.2f}: {n} training images vs test) | {arm}, {setting}, "
         f"{nfe:.0f} NFE, {labels_used(ckpt, labels)}, seed {seed}, "
-        f"{n} samples in {seconds:.0f} s | {ckpt_path} | {machine()}, {device}"
+        f"{n} samples in {seconds:.0f} s | {ckpt_path} | {cli.machine()}, {device}"
     )
     console.print(
         "predicted classes: "
-        + ", ".join(f"{c} {k}" for c, k in zip(data.CLASSES, hist.tolist(), strict=True))
+        + ", ".join(f"{c} {k}" for c, k in zip(scorer.meta["classes"], hist.tolist(), strict=True))
     )
 
 
@@ -361,12 +387,28 @@ def fd_command(ckpt_path, arm, steps, n, rtol, atol, seed, labels, device, data_
 @tolerance_options
 @click.option("--seed", type=int, default=0)
 @device_option
-@data_option
-def bpd_command(ckpt_path, n, batch_size, rtol, atol, seed, device, data_dir):
+@click.option(
+    "--data",
+    "data_spec",
+    help="Test images: a dataset as train.py takes it, seen as "
+    "the checkpoint saw its own [the checkpoint's].",
+)
+@click.option("--data-root", type=click.Path(file_okay=False), default=data.DATA_DIR)
+def bpd_command(ckpt_path, n, batch_size, rtol, atol, seed, device, data_spec, data_root):
     """Test-set bits/dim with uniform dequantization and the Hutchinson trace estimator."""
     device, ckpt_path = cli.resolve_device(device), cli.find_checkpoint(ckpt_path)
     ckpt = checkpoint.load(ckpt_path, device)
-    images, _ = data.load_fashion_mnist(data_dir, train=False)
+    cfg = ckpt.train_config
+    images = data.load_shaped(
+        data_spec or cfg.data,
+        data_root,
+        False,
+        cfg.image_size,
+        cfg.grayscale,
+        ckpt.shape,
+        ckpt_path,
+        note=console.print,
+    ).images
     images = images[:n] if n else images
     generator = torch.Generator(device).manual_seed(seed)
     values, nfes, start = [], [], time.time()
@@ -392,7 +434,7 @@ def bpd_command(ckpt_path, n, batch_size, rtol, atol, seed, device, data_dir):
         f"bits/dim {values.mean():.3f} +- {se:.3f} (standard error) over {len(values)} test "
         f"images, {sum(nfes) / len(nfes):.0f} NFE per batch, {time.time() - start:.0f} s, "
         f"rtol {rtol} atol {atol} | "
-        f"{ckpt_path} | {machine()}, {device}"
+        f"{ckpt_path} | {cli.machine()}, {device}"
     )
 
 
@@ -412,57 +454,6 @@ SWEEP_ARMS = (
     "heun,edm:s_churn=5:s_tmin=0.05:s_tmax=50,edm:s_churn=20:s_tmin=0.05:s_tmax=50,dpmpp_2m,"
     "dpmpp_2m_sde,dpmpp_2m_sde:eta=0.5,em,pc,pc:snr=0.08@25/100,pc:snr=0.3@25/100,ode"
 )
-COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-          "#bcbd22", "#17becf", "#000000")  # fmt: skip
-
-
-def log_ticks(lo, hi):
-    """1-2-5 values whose log10 lies in [lo, hi]."""
-    values = (m * 10**p for p in range(math.floor(lo), math.ceil(hi) + 1) for m in (1, 2, 5))
-    return [v for v in values if lo <= math.log10(v) <= hi]
-
-
-def plot_sweep(rows, floor, path, title):
-    """A log-log line plot of FD against NFE, drawn with PIL."""
-    from PIL import Image, ImageDraw
-
-    W, H, left, right, top, bottom = 960, 480, 70, 300, 40, 50
-    image = Image.new("RGB", (W, H), "white")
-    draw = ImageDraw.Draw(image)
-    nfes = [r["nfe"] for r in rows]
-    fds = [max(r["fd"], 1e-3) for r in rows] + [max(floor, 1e-3)]
-    x_lo, x_hi = math.log10(max(1, min(nfes))) - 0.1, math.log10(max(nfes)) + 0.1
-    y_lo, y_hi = math.log10(min(fds)) - 0.1, math.log10(max(fds)) + 0.1
-
-    def xy(nfe, fd):
-        return (
-            left + (math.log10(nfe) - x_lo) / (x_hi - x_lo) * (W - left - right),
-            H - bottom - (math.log10(max(fd, 1e-3)) - y_lo) / (y_hi - y_lo) * (H - top - bottom),
-        )
-
-    draw.rectangle([left, top, W - right, H - bottom], outline="black")
-    for nfe in log_ticks(x_lo, x_hi):
-        x = xy(nfe, 10**y_lo)[0]
-        draw.line([x, H - bottom, x, H - bottom + 5], fill="black")
-        draw.text((x - 8, H - bottom + 8), f"{nfe:g}", fill="black")
-    for fd in log_ticks(y_lo, y_hi):
-        y = xy(10**x_lo, fd)[1]
-        draw.line([left - 5, y, left, y], fill="black")
-        draw.text((8, y - 6), f"{fd:g}", fill="black")
-    y = xy(10**x_lo, floor)[1]
-    draw.line([left, y, W - right, y], fill="gray")
-    draw.text((W - right + 8, y - 6), "real-data floor", fill="gray")
-    for k, arm in enumerate(dict.fromkeys(r["arm"] for r in rows)):
-        points = sorted(xy(r["nfe"], r["fd"]) for r in rows if r["arm"] == arm)
-        color = COLORS[k % len(COLORS)]
-        if len(points) > 1:
-            draw.line(points, fill=color, width=2)
-        for px, py in points:
-            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
-        draw.text((W - right + 8, top + 16 * k), arm, fill=color)
-    draw.text((left, 12), title + "; both axes log scale", fill="black")
-    draw.text((left + (W - left - right) // 2 - 60, H - 22), "NFE per sample", fill="black")
-    files.atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def parse_sweep_arm(text):
@@ -505,8 +496,10 @@ def sweep_table(rows, header):
 @click.option("--seed", type=int, default=0)
 @labels_option
 @device_option
-@data_option
-def sweep_command(ckpt_path, n, solvers, max_steps, out, seed, labels, device, data_dir):
+@data_options
+def sweep_command(
+    ckpt_path, n, solvers, max_steps, out, seed, labels, device, classifier, data_root
+):
     """FD against NFE for every solver at several step counts (the ODE at several tolerances),
     each point from the same prior noise (and labels)."""
     device, ckpt_path = cli.resolve_device(device), cli.find_checkpoint(ckpt_path)
@@ -520,11 +513,11 @@ def sweep_command(ckpt_path, n, solvers, max_steps, out, seed, labels, device, d
     ckpt = checkpoint.load(ckpt_path, device)
     for _, solver, options, _ in arms:
         check_arm(ckpt, solver, options)
-    scorer = Scorer(data_dir, device)
+    scorer = Scorer([(ckpt_path, ckpt)], classifier, data_root, device)
     floor, rows = scorer.floor(n, seed), []
     header = (
         f"FD against NFE, {n} samples per point (seed {seed}, {labels_used(ckpt, labels)}), "
-        f"floor {floor:.2f} ({n} training images). Checkpoint {ckpt_path}; {machine()}, "
+        f"floor {floor:.2f} ({n} training images). Checkpoint {ckpt_path}; {cli.machine()}, "
         f"{device}.\n\n"
     )
     title = f"FD vs NFE ({n} samples, {os.path.basename(ckpt_path)})"
@@ -542,7 +535,7 @@ def sweep_command(ckpt_path, n, solvers, max_steps, out, seed, labels, device, d
                 rows.append(dict(arm=arm, setting=setting, nfe=nfe, fd=fd, seconds=seconds))
                 progress.console.print(f"{arm} {setting:g}: FD {fd:.2f} at {nfe:.0f} NFE")
                 files.save_text(sweep_table(rows, header), out + ".md")  # nothing lost on Ctrl-C
-                plot_sweep(rows, floor, out + ".png", title)
+                files.save_plot(rows, floor, out + ".png", title)
     console.print(sweep_table(rows, header) + f"wrote {out}.md and {out}.png")
 
 
@@ -609,8 +602,8 @@ def runs_table(rows, header):
 )
 @labels_option
 @device_option
-@data_option
-def runs_command(folders, n, seeds, out, snapshots, labels, device, data_dir):
+@data_options
+def runs_command(folders, n, seeds, out, snapshots, labels, device, classifier, data_root):
     """Compare training runs: FD (heun, 35 NFE) of every snapshot (train.py --snapshot-minutes)
     and final checkpoint of each run folder, with the same noise for all, beside the run's
     recipe, training throughput and images seen. With several seeds, an FD per seed."""
@@ -618,12 +611,13 @@ def runs_command(folders, n, seeds, out, snapshots, labels, device, data_dir):
     seeds = cli.parse_list(seeds, "--seeds", int, "whole numbers")
     cli.check_writable(out + ".md")
     runs = [(folder, *run_points(folder, snapshots)) for folder in folders]  # all checked first
-    scorer = Scorer(data_dir, device)
+    ckpts = [(path, checkpoint.load(path)) for _, points, _ in runs for _, path in points]
+    scorer = Scorer(ckpts, classifier, data_root, device)
     floors = " / ".join(f"{scorer.floor(n, seed):.2f}" for seed in seeds)
     header = (
         f"FD with heun, {HEUN_STEPS} steps (35 NFE), {n} samples per FD, seeds "
         f"{'/'.join(map(str, seeds))} ({labels}), floor {floors} ({n} training images). "
-        f"Minutes of training (sampling excluded); images = steps x batch. {machine()}, "
+        f"Minutes of training (sampling excluded); images = steps x batch. {cli.machine()}, "
         f"{device}.\n\n"
     )
     rows = []
@@ -681,8 +675,8 @@ def heun_versus_stochastic(rows, ckpt_paths, nfe):
 @click.option("--seed", type=int, default=0)
 @labels_option
 @device_option
-@data_option
-def compare_command(ckpt_paths, solvers, nfe, n, out, seed, labels, device, data_dir):
+@data_options
+def compare_command(ckpt_paths, solvers, nfe, n, out, seed, labels, device, classifier, data_root):
     """The SDE x solver table: FD, NFE and seconds of each checkpoint with each solver at its
     standard setting: the few-step solvers (heun, edm, dpmpp_*) at their default steps, the ODE
     adaptive (rtol = atol = 1e-5), the paper's SDE solvers at --nfe evaluations."""
@@ -705,7 +699,7 @@ def compare_command(ckpt_paths, solvers, nfe, n, out, seed, labels, device, data
         s: nfe // (2 if s == "pc" else 1) if s in sgm.INPAINTING_SOLVERS else sgm.SOLVERS[s].steps
         for s in chosen
     }
-    scorer, rows = Scorer(data_dir, device), []
+    scorer, rows = Scorer(ckpts, classifier, data_root, device), []
     with Progress(console=console) as progress:
         for ckpt_path, ckpt in ckpts:
             sde_name = type(ckpt.sde).__name__
@@ -715,15 +709,8 @@ def compare_command(ckpt_paths, solvers, nfe, n, out, seed, labels, device, data
                     labels=labels,
                 )  # fmt: skip
                 fd = scorer.fd(images)[0]
-                row = dict(
-                    ckpt_path=ckpt_path,
-                    sde=sde_name,
-                    solver=solver,
-                    nfe=spent,
-                    fd=fd,
-                    seconds=seconds,
-                )
-                rows.append(row)
+                cell = dict(solver=solver, nfe=spent, fd=fd, seconds=seconds)
+                rows.append(dict(ckpt_path=ckpt_path, sde=sde_name, **cell))
                 progress.console.print(
                     f"{sde_name} {solver}: FD {rows[-1]['fd']:.2f} at {spent:.0f} NFE, "
                     f"{seconds:.0f} s"
@@ -732,7 +719,7 @@ def compare_command(ckpt_paths, solvers, nfe, n, out, seed, labels, device, data
     header = (
         f"{n} samples per cell (seed {seed}, {labels_used(ckpts[0][1], labels)}), "
         f"real-data floor {floor:.2f} ({n} training images vs test); "
-        f"{machine()}, {device}.\n\n"
+        f"{cli.machine()}, {device}.\n\n"
     )
     table = (
         f"| SDE | checkpoint | solver | NFE | FD | seconds for {n} |\n|---|---|---|---|---|---|\n"
@@ -765,8 +752,8 @@ def compare_command(ckpt_paths, solvers, nfe, n, out, seed, labels, device, data
 )
 @click.option("--seed", type=int, default=0)
 @device_option
-@data_option
-def export_command(ckpt_path, out, overwrite, half, n, seed, device, data_dir):
+@data_options
+def export_command(ckpt_path, out, overwrite, half, n, seed, device, classifier, data_root):
     """Write a training checkpoint's EMA weights alone (no optimizer, no raw weights), to ship, and
     compare the FD of the exported weights with the original's on the same noise (heun, 35 NFE)."""
     device = cli.resolve_device(device)
@@ -780,6 +767,7 @@ def export_command(ckpt_path, out, overwrite, half, n, seed, device, data_dir):
         raise click.ClickException("--n 1: an FD needs at least 2 samples (0 skips the check)")
     cli.check_writable(out)
     exported = checkpoint.load(ckpt_path, "cpu")  # the EMA weights, where the file has them
+    scorer = Scorer([(ckpt_path, exported)], classifier, data_root, device) if n else None
     kind = "EMA weights" if exported.is_ema else "weights (the file has no EMA)"
     exported.is_ema = True  # stored as the EMA weights, alone
     exported.extra = {**exported.extra, "exported_from": ckpt_path, "half": half}
@@ -789,7 +777,6 @@ def export_command(ckpt_path, out, overwrite, half, n, seed, device, data_dir):
         f"{exported.step}{' in fp16' if half else ''}"
     )
     if n:
-        scorer = Scorer(data_dir, device)
         fds = []
         for path in (ckpt_path, out):  # the same noise for both
             images = generate(
@@ -798,7 +785,7 @@ def export_command(ckpt_path, out, overwrite, half, n, seed, device, data_dir):
             fds.append(scorer.fd(images)[0])
         console.print(
             f"FD with heun, 35 NFE, {n} samples: {fds[0]:.2f} original, {fds[1]:.2f} exported "
-            f"| {machine()}, {device}"
+            f"| {cli.machine()}, {device}"
         )
 
 
@@ -855,8 +842,10 @@ class TutorialScoreNet(nn.Module):
 @click.option("--out", default=None, help="Also write the table to this markdown file.")
 @click.option("--seed", type=int, default=0)
 @device_option
-@data_option
-def guidance_command(ckpt_path, weights, n, solver, steps, out, seed, device, data_dir):
+@data_options
+def guidance_command(
+    ckpt_path, weights, n, solver, steps, out, seed, device, classifier, data_root
+):
     """Class accuracy (by the evaluation classifier) and per-class FD of guided samples, per w."""
     device, ckpt_path = cli.resolve_device(device), cli.find_checkpoint(ckpt_path)
     ckpt, steps = checkpoint.load(ckpt_path, device), steps or sgm.SOLVERS[solver].steps
@@ -869,47 +858,34 @@ def guidance_command(ckpt_path, weights, n, solver, steps, out, seed, device, da
     check_arm(ckpt, solver, {})
     if out:
         cli.check_writable(out)
-    scorer = Scorer(data_dir, device)
-    floors = [scorer.floor(n, seed, label=c) for c in range(10)]
+    scorer = Scorer([(ckpt_path, ckpt)], classifier, data_root, device)
+    classes = range(config.num_classes)
+    floors = [scorer.floor(n, seed, label=c) for c in classes]
     rows = []
     with Progress(console=console) as progress:
-        task = progress.add_task("guidance", total=len(ws) * 10)
+        task = progress.add_task("guidance", total=len(ws) * len(classes))
         for w in ws:
             generator = torch.Generator(device).manual_seed(seed)
             accuracy, fds = [], []
-            for c in range(10):
+            for c in classes:
                 labels = torch.full((n,), c, device=device)
                 shape = (n, config.image_channels, config.image_size, config.image_size)
+                score = ckpt.score_fn(labels, w)
                 x, _ = sgm.sample(
-                    ckpt.score_fn(labels, w),
-                    ckpt.sde,
-                    shape,
-                    solver,
-                    steps,
-                    generator=generator,
-                    device=device,
+                    score, ckpt.sde, shape, solver, steps, generator=generator, device=device
                 )
                 fd, histogram = scorer.fd(data.to_uint8(x, ckpt.data_range).cpu(), label=c)
                 accuracy.append(float(histogram[c]) / n)
                 fds.append(fd)
                 progress.advance(task)
-            rows.append((w, sum(accuracy) / 10, fds))
-    table = (
-        "| w | class accuracy | "
-        + " | ".join(f"FD {name}" for name in data.CLASSES)
-        + " |\n|---|---|"
-        + "---|" * 10
-        + "\n"
-        + "".join(
-            f"| {w:g} | {acc:.3f} | " + " | ".join(f"{fd:.1f}" for fd in fds) + " |\n"
-            for w, acc, fds in rows
-        )
-        + "| floor | | "
-        + " | ".join(f"{fd:.1f}" for fd in floors)
-        + " |\n"
-    )
+            rows.append((w, sum(accuracy) / len(classes), fds))
+    cells = lambda values: " | ".join(f"{v:.1f}" for v in values)
+    table = f"| w | class accuracy | {' | '.join(f'FD {c}' for c in ckpt.classes)} |\n"
+    table += "|---|---|" + "---|" * len(classes) + "\n"
+    table += "".join(f"| {w:g} | {acc:.3f} | {cells(fds)} |\n" for w, acc, fds in rows)
+    table += f"| floor | | {cells(floors)} |\n"
     header = f"Guided samples: {solver}, {steps} steps, {n} per class; {ckpt_path}; "
-    header += f"{machine()}, {device}.\n\n"
+    header += f"{cli.machine()}, {device}.\n\n"
     if out:
         files.save_text(header + table, out)
     console.print(header + table)
@@ -989,61 +965,83 @@ def speed_command(batch_size, channels, model, iters, device):
     console.print(
         f"{model} model ({params:.2f} M parameters), batch {batch_size}: "
         f"training {train_rate:.0f} img/s, one score evaluation {eval_rate:.0f} img/s "
-        f"(heun at 35 NFE: {eval_rate / 35:.1f} img/s) | {machine()}, {device}"
+        f"(heun at 35 NFE: {eval_rate / 35:.1f} img/s) | {cli.machine()}, {device}"
     )
 
 
 @main.command("train-classifier")
-@click.option("--epochs", type=click.IntRange(1), default=5)
-@click.option("--out", default=CLASSIFIER, show_default=True, help="The hash-checked FD features.")
+@click.option(
+    "--data", "data_spec", default="fashion-mnist", help="A labelled dataset, as train.py takes it."
+)
+@click.option("--image-size", type=click.IntRange(1, 4096), help="As train.py's.")
+@click.option("--grayscale", is_flag=True, help="As train.py's.")
+@click.option("--data-root", type=click.Path(file_okay=False), default=data.DATA_DIR)
+@click.option("--epochs", type=click.IntRange(1), help="[5, or enough for 2,000 steps]")
+@click.option("--out", default=CLASSIFIER, show_default=True, help="The FD feature network.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (else refused).")
 @click.option("--seed", type=int, default=0)
 @device_option
-@data_option
-def train_classifier_command(epochs, out, overwrite, seed, device, data_dir):
-    """Train the feature classifier (a few CPU minutes; needs 92% test accuracy), print its hash."""
+def train_classifier_command(data_spec, image_size, grayscale, data_root, epochs, out, overwrite,
+                             seed, device):  # fmt: skip
+    """Train the FD feature network on a labelled dataset (FashionMNIST's needs 92% test
+    accuracy) and print its hash."""
     device = cli.resolve_device(device)
+    fashion = data.same_data(data_spec, "fashion-mnist")
+    if os.path.abspath(out) == CLASSIFIER and not fashion:
+        raise click.ClickException(f"{CLASSIFIER} is FashionMNIST's feature network: give --out")
     if os.path.exists(out) and not overwrite:
         raise click.ClickException(f"--out {out} exists; give --overwrite to replace it")
     cli.check_writable(out)
+    data.check_image_size(image_size)
+    train = data.load(data_spec, data_root, True, image_size, grayscale, note=console.print)
+    test = data.load(data_spec, data_root, False, image_size, grayscale, note=console.print)
+    if train.labels is None:
+        raise click.ClickException(
+            f"--data {data_spec} has no labels (no class subfolders): an FD feature network is "
+            "trained to tell classes apart"
+        )
     torch.manual_seed(seed)
-    images, labels = data.load_fashion_mnist(data_dir, train=True)
-    test_images, test_labels = data.load_fashion_mnist(data_dir, train=False)
-    net = Classifier().to(device)
-    steps = epochs * (len(images) // 128)
+    pixels = train.images.float() / 255
+    meta = dict(data=train.source, image_size=image_size or 0, grayscale=grayscale,
+                shape=train.shape, classes=train.classes, mean=float(pixels.mean()),
+                std=float(pixels.std()))  # fmt: skip
+    net = Classifier(train.shape, len(train.classes), meta["mean"], meta["std"]).to(device)
+    fit_classifier(net, train, epochs, device)
+    _, predicted = features_and_classes(net.eval(), test.images)
+    accuracy = float((predicted == test.labels).float().mean())
+    if fashion and accuracy < 0.92:
+        raise click.ClickException(f"test accuracy {accuracy:.4f} is below 0.92; train longer "
+                                   "(--epochs)")  # fmt: skip
+    weights = {k: v.cpu() for k, v in net.state_dict().items()}
+    files.save_torch({"format": CLASSIFIER_FORMAT, "weights": weights, **meta}, out)
+    hint = " (set CLASSIFIER_SHA256 to it)" if os.path.abspath(out) == CLASSIFIER else ""
+    console.print(
+        f"test accuracy {accuracy:.4f} on {len(test.images)} test images of "
+        f"{len(train.classes)} classes; wrote {out}, sha256 {sha256(out)}{hint}"
+    )
+
+
+def fit_classifier(net, train, epochs, device):
+    """AdamW with a one-cycle schedule, random horizontal flips."""
+    batch = min(128, len(train.images))
+    per_epoch = len(train.images) // batch
+    epochs = epochs or max(5, math.ceil(2000 / per_epoch))
     opt = torch.optim.AdamW(net.parameters(), 2e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=epochs * per_epoch)
     with Progress(console=console) as progress:
-        task = progress.add_task("classifier", total=steps)
+        task = progress.add_task("classifier", total=epochs * per_epoch)
         for _ in range(epochs):
-            perm = torch.randperm(len(images))
-            for i in range(len(images) // 128):
-                idx = perm[i * 128 : (i + 1) * 128]
-                batch = images[idx]
-                flip = (
-                    torch.rand(len(idx)) < 0.5
-                )  # horizontal flips: garments are left-right symmetric
-                batch = torch.where(flip[:, None, None, None], batch.flip(3), batch)
-                loss = F.cross_entropy(net(batch.to(device)), labels[idx].to(device))
+            perm = torch.randperm(len(train.images))
+            for i in range(per_epoch):
+                idx = perm[i * batch : (i + 1) * batch]
+                images, flip = train.images[idx], torch.rand(len(idx)) < 0.5
+                images = torch.where(flip[:, None, None, None], images.flip(3), images)
+                loss = F.cross_entropy(net(images.to(device)), train.labels[idx].to(device))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 schedule.step()
                 progress.advance(task)
-    net.eval()
-    _, predicted = features_and_classes(net, test_images)
-    accuracy = float((predicted == test_labels).float().mean())
-    if accuracy < 0.92:
-        raise click.ClickException(
-            f"test accuracy {accuracy:.4f} is below 0.92; train longer (--epochs)"
-        )
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    weights = {k: v.cpu() for k, v in net.state_dict().items()}
-    files.save_torch(weights, out)
-    console.print(
-        f"test accuracy {accuracy:.4f}; wrote {out}, sha256 {sha256(out)} "
-        "(set CLASSIFIER_SHA256 to it)"
-    )
 
 
 if __name__ == "__main__":

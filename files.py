@@ -1,9 +1,10 @@
 """
 Files out, written atomically so that a crash never leaves half a file: checkpoints, PNG grids,
-.npz arrays, GIFs and tables.
+.npz arrays, GIFs, tables and line plots.
 """
 
 import contextlib
+import math
 import os
 import re
 import tempfile
@@ -124,9 +125,10 @@ def save_gif(frames, path, nrow):
     images = []
     for state, denoised in frames:
         left, right = grid_image(state, nrow), grid_image(denoised, nrow)
-        frame = Image.new("L", (left.width * 2 + 8, left.height), 255)
-        frame.paste(left.convert("L"), (0, 0))
-        frame.paste(right.convert("L"), (left.width + 8, 0))
+        mode = "L" if state.shape[1] == 1 else "RGB"
+        frame = Image.new(mode, (left.width * 2 + 8, left.height), "white")
+        frame.paste(left.convert(mode), (0, 0))
+        frame.paste(right.convert(mode), (left.width + 8, 0))
         images.append(frame)
     images += [images[-1]] * 10  # hold the result
 
@@ -146,3 +148,56 @@ def save_text(text, path):
             f.write(text)
 
     atomic_write(path, write)
+
+
+COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+          "#bcbd22", "#17becf", "#000000")  # fmt: skip
+
+
+def log_ticks(lo, hi):
+    """1-2-5 values whose log10 lies in [lo, hi]."""
+    values = (m * 10**p for p in range(math.floor(lo), math.ceil(hi) + 1) for m in (1, 2, 5))
+    return [v for v in values if lo <= math.log10(v) <= hi]
+
+
+def save_plot(rows, floor, path, title):
+    """A log-log line plot of FD against NFE, drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    W, H, left, right, top, bottom = 960, 480, 70, 300, 40, 50
+    image = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(image)
+    nfes = [r["nfe"] for r in rows]
+    fds = [max(r["fd"], 1e-3) for r in rows] + [max(floor, 1e-3)]
+    x_lo, x_hi = math.log10(max(1, min(nfes))) - 0.1, math.log10(max(nfes)) + 0.1
+    y_lo, y_hi = math.log10(min(fds)) - 0.1, math.log10(max(fds)) + 0.1
+
+    def xy(nfe, fd):
+        return (
+            left + (math.log10(nfe) - x_lo) / (x_hi - x_lo) * (W - left - right),
+            H - bottom - (math.log10(max(fd, 1e-3)) - y_lo) / (y_hi - y_lo) * (H - top - bottom),
+        )
+
+    draw.rectangle([left, top, W - right, H - bottom], outline="black")
+    for nfe in log_ticks(x_lo, x_hi):
+        x = xy(nfe, 10**y_lo)[0]
+        draw.line([x, H - bottom, x, H - bottom + 5], fill="black")
+        draw.text((x - 8, H - bottom + 8), f"{nfe:g}", fill="black")
+    for fd in log_ticks(y_lo, y_hi):
+        y = xy(10**x_lo, fd)[1]
+        draw.line([left - 5, y, left, y], fill="black")
+        draw.text((8, y - 6), f"{fd:g}", fill="black")
+    y = xy(10**x_lo, floor)[1]
+    draw.line([left, y, W - right, y], fill="gray")
+    draw.text((W - right + 8, y - 6), "real-data floor", fill="gray")
+    for k, arm in enumerate(dict.fromkeys(r["arm"] for r in rows)):
+        points = sorted(xy(r["nfe"], r["fd"]) for r in rows if r["arm"] == arm)
+        color = COLORS[k % len(COLORS)]
+        if len(points) > 1:
+            draw.line(points, fill=color, width=2)
+        for px, py in points:
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
+        draw.text((W - right + 8, top + 16 * k), arm, fill=color)
+    draw.text((left, 12), title + "; both axes log scale", fill="black")
+    draw.text((left + (W - left - right) // 2 - 60, H - 22), "NFE per sample", fill="black")
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

@@ -11,6 +11,8 @@ Sample from a trained score-based model with any solver.
     python sample.py --label sneaker --guidance 2 --n 16    # class-conditional models
     python sample.py --inpaint left --from-test 0 --n 8     # fill in the left half of test images
     python sample.py --interpolate 0 1 --n 10               # morph test image 0 into image 1
+
+Test images are those of the checkpoint's dataset (its test split), or of --data.
 """
 
 import os
@@ -70,15 +72,15 @@ class Command(cli.Command):  # cli.Command's one-line errors; Ctrl-C exits 130, 
 def make_labels(text, ckpt, n, mode, seed):
     """--label -> (labels (n,) or None, what they are). Without it, a conditional model draws them
     from the class prior, sampling p(x) = sum_y p(y) p(x | y); for test images, it takes none."""
-    classes = ckpt.model_config.num_classes
-    name = str(text).lower().replace("_", "-").replace(" ", "-")
+    classes, names = ckpt.model_config.num_classes, [label_key(c) for c in ckpt.classes]
+    name = label_key(text) if text else None
     digit = text and text.isascii() and text.isdigit() and int(text) < classes  # not "²"
-    target = int(text) if digit else data.CLASSES.index(name) if name in data.CLASSES else text
+    target = names.index(name) if name in names else int(text) if digit else text
     if text not in (None, "none") and not classes:
         raise click.ClickException("--label needs a class-conditional checkpoint (--conditional)")
     if target not in (None, "none", "all") and not isinstance(target, int):
         raise click.ClickException(f"unknown --label {text!r}: use 0-{classes - 1}, 'all', "
-                                   f"'none' or one of {', '.join(data.CLASSES)}")  # fmt: skip
+                                   f"'none' or one of {', '.join(ckpt.classes)}")  # fmt: skip
     if target == "none" or not classes or target is None and mode != "sample":
         return None, "the dropped label's score" if classes else "unconditional"
     if target == "all":
@@ -86,8 +88,20 @@ def make_labels(text, ckpt, n, mode, seed):
     if target is None:
         what = "labels drawn from the training classes' frequencies (--label none: dropped label)"
         return ckpt.prior_labels(n, seed), what
-    named = data.CLASSES[target] if classes == len(data.CLASSES) else target
-    return torch.full((n,), target), f"label {named}"
+    return torch.full((n,), target), f"label {ckpt.classes[target]}"
+
+
+def label_key(name):
+    """How --label matches a class name: 'Ankle boot', 'ankle_boot' and 'ankle-boot' alike."""
+    return name.lower().replace("_", "-").replace(" ", "-")
+
+
+def test_images(ckpt, spec, root):
+    """The test split of the checkpoint's dataset (or of --data), as the checkpoint saw it."""
+    cfg = ckpt.train_config
+    dataset = data.load_shaped(spec or cfg.data, root, False, cfg.image_size, cfg.grayscale,
+                               ckpt.shape, "the checkpoint", note=console.print)  # fmt: skip
+    return dataset.images
 
 
 def make_mask(name, shape, generator):
@@ -148,9 +162,20 @@ def interpolate(score_fn, sde, x_a, x_b, n=8, **kwargs):
 @click.option("--from-test", type=click.IntRange(0, 9999), default=0, help="First test image.")
 @click.option("--interpolate", "pair", type=click.IntRange(0, 9999), nargs=2,
               help="Morph test image A into B.")  # fmt: skip
-@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=data.DATA_DIR)
+@click.option(
+    "--data",
+    "data_spec",
+    help="Test images for --inpaint/--interpolate: a dataset "
+    "as train.py takes it [the checkpoint's].",
+)
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False),
+    default=data.DATA_DIR,
+    help="Where named datasets are, and folders' decoded images cached.",
+)
 def main(ckpt_path, solver, n, steps, eps, seed, device, ema, batch_size, out, label, guidance,
-         inpaint, from_test, pair, data_dir, **flags):  # fmt: skip
+         inpaint, from_test, pair, data_spec, data_root, **flags):  # fmt: skip
     """Sample images from a score-based model (Song et al. 2021)."""
     # Configure: the task, the solver and its options, the output; all checked before any work
     mode = "inpaint" if inpaint else "interpolate" if pair else "sample"
@@ -185,15 +210,13 @@ def main(ckpt_path, solver, n, steps, eps, seed, device, ema, batch_size, out, l
         guidance = guidance if guidance is not None else float(label is not None)
         labels, n, labels_used = labels.to(device), len(labels), f"{labels_used}, w = {guidance:g}"
     nrow = n // ckpt.model_config.num_classes if label == "all" else min(n, 8)
-    shape = (ckpt.model_config.image_channels, *[ckpt.model_config.image_size] * 2)
+    shape = ckpt.shape
     if mode != "sample":  # the images to inpaint, or A and B
-        if shape != (1, 28, 28):
-            raise click.ClickException(f"the checkpoint is for {'x'.join(map(str, shape))} images"
-                                       f", but --{mode} takes 1x28x28 test images")  # fmt: skip
-        images = data.load_fashion_mnist(data_dir, train=False)[0]
-        if mode == "inpaint" and from_test + n > len(images):
-            raise click.ClickException(f"--from-test {from_test} --n {n} runs past the "
-                                       f"{len(images)} test images")  # fmt: skip
+        images = test_images(ckpt, data_spec, data_root)
+        last = from_test + n - 1 if mode == "inpaint" else max(pair)
+        if last >= len(images):
+            what = f"--from-test {from_test} --n {n}" if mode == "inpaint" else "--interpolate"
+            raise click.ClickException(f"{what} runs past the {len(images)} test images")
         index = list(pair) if mode == "interpolate" else slice(from_test, from_test + n)
         test = data.to_model_range(images[index], ckpt.data_range).to(device)
     if mode == "inpaint":  # rows of n: the test images, their known part, the filled-in images

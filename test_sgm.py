@@ -285,9 +285,8 @@ def test_learning_rate_schedule_and_ema_ramp():
 
 
 def test_small_unet_overfits_one_batch():
-    from data import load_fashion_mnist, to_model_range
-    images, _ = load_fashion_mnist(os.path.join(HERE, "data"))
-    x = to_model_range(images[:32], (-1, 1))  # a batch of 32: the loss falls to ~0.38x in 60 steps
+    images = data.load("fashion-mnist", note=print).images
+    x = data.to_model_range(images[:32], (-1, 1))  # a batch of 32: the loss falls to ~0.38x in 60 steps
     torch.manual_seed(0)
     net, sde = sgm.UNet(tiny_config(channels=16, attention=False)), sgm.VPSDE()
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
@@ -924,7 +923,7 @@ def test_train_missing_data_message(tmp_path, monkeypatch):
     import train
     monkeypatch.setattr(data, "DEBIAN_DIR", str(tmp_path / "nowhere"))
     monkeypatch.setattr(torchvision.datasets.FashionMNIST, "download", lambda self: (_ for _ in ()).throw(RuntimeError("offline")))
-    result = invoke(train.main, ["--data", str(tmp_path / "empty"), "--steps", "1"])
+    result = invoke(train.main, ["--data-root", str(tmp_path / "empty"), "--steps", "1"])
     assert result.exit_code == 1 and "apt-get install -y dataset-fashion-mnist" in result.output
     assert "Traceback" not in result.output
 
@@ -996,7 +995,7 @@ def test_sample_cli_npz_gif_and_reproducibility(tiny_ckpt, tmp_path):
     (["--n", "0"], "Invalid value for '--n'"),
     (["--ckpt", "missing.pt"], "no such checkpoint"),
     (["--ckpt", "CORRUPT"], "not a readable checkpoint"),
-    (["--ckpt", "SMALL", "--inpaint", "left"], "for 1x8x8 images"),
+    (["--ckpt", "SMALL", "--inpaint", "left"], "the checkpoint is for 1x8x8"),
     (["--out", "/proc/nope/x.png"], "cannot write there"),
     (["--out", "x.jpg"], "suffix must be"),
     (["--label", "banana"], "unknown --label"),
@@ -1172,27 +1171,26 @@ def run_evaluate(*args):
 
 @pytest.fixture
 def few_test_images(monkeypatch):
-    """data.load_fashion_mnist gives the first 1000 images: evaluate.py's FDs are against 1000 test
+    """Named datasets give their first 1000 images: evaluate.py's FDs are against 1000 test
     images instead of 10,000 (the tests check the tables, not the distances, and the features of
     the whole test set would take most of their time)."""
     import evaluate
-    load = data.load_fashion_mnist
+    load = data.load_named
 
-    def first_1000(root=data.DATA_DIR, train=True):
-        images, labels = load(root, train)
+    def first_1000(*args, **kwargs):
+        images, labels = load(*args, **kwargs)
         return images[:1000], labels[:1000]
 
-    monkeypatch.setattr(data, "load_fashion_mnist", first_1000)
-    evaluate.reference_features.cache_clear()  # computed once per process: not from these images
+    monkeypatch.setattr(data, "load_named", first_1000)
+    evaluate.reference.cache_clear()  # computed once per process: not from these images
     yield
-    evaluate.reference_features.cache_clear()
+    evaluate.reference.cache_clear()
 
 
 def test_frechet_distance_is_zero_on_itself_and_grows_with_noise():
     import evaluate
-    from data import load_fashion_mnist
-    net = evaluate.load_classifier()
-    images, _ = load_fashion_mnist(os.path.join(HERE, "data"), train=False)
+    net, _ = evaluate.load_classifier()
+    images = data.load("fashion-mnist", train=False).images
     reference, _ = evaluate.features_and_classes(net, images[:500])  # 500 images a side: FDs of ~40, ~300, ~1000 below
     assert abs(evaluate.frechet_distance(reference, reference)) < 1e-4  # eigh round-off; FDs here are > 10
     generator = torch.Generator().manual_seed(0)
@@ -1203,16 +1201,17 @@ def test_frechet_distance_is_zero_on_itself_and_grows_with_noise():
     assert distances[0] < distances[1] < distances[2], distances
 
 
-def test_classifier_hash_check_fails_on_a_modified_file(tmp_path):
+def test_classifier_hash_check_fails_on_a_modified_file(tmp_path, monkeypatch):
     import click
 
     import evaluate
-    data = bytearray(open(evaluate.CLASSIFIER, "rb").read())
-    data[-100] ^= 0xFF
-    (tmp_path / "classifier.pt").write_bytes(bytes(data))
+    assert evaluate.load_classifier()[1]["data"] == "fashion-mnist"  # the committed file passes
+    modified = bytearray(open(evaluate.CLASSIFIER, "rb").read())
+    modified[-100] ^= 0xFF
+    (tmp_path / "classifier.pt").write_bytes(bytes(modified))
+    monkeypatch.setattr(evaluate, "CLASSIFIER", str(tmp_path / "classifier.pt"))
     with pytest.raises(click.ClickException, match="does not match"):
-        evaluate.load_classifier(str(tmp_path / "classifier.pt"))
-    assert evaluate.load_classifier() is not None  # the committed file passes
+        evaluate.load_classifier()
 
 
 def test_evaluate_bpd_sweep_guidance_and_speed(tiny_ckpt, tmp_path, few_test_images):
@@ -1379,7 +1378,7 @@ def test_sample_cli_interrupt_and_output_folders(tiny_ckpt, tmp_path, monkeypatc
     monkeypatch.undo()
     r = run_sample("--ckpt", tiny_ckpt / "tiny.pt", "--solver", "heun", "--steps", 2, "--n", 3, "--batch-size", 2, "--out", target)
     assert r.exit_code == 0 and target.exists() and "2 of 3 images" in r.output  # a plain line per chunk when not a TTY
-    data_default = next(p.default for p in sample.main.params if p.name == "data_dir")
+    data_default = next(p.default for p in sample.main.params if p.name == "data_root")
     assert data_default == data.DATA_DIR and os.path.isabs(data_default)  # not the current directory
 
 
@@ -1429,7 +1428,7 @@ def test_train_loop(tmp_path, monkeypatch):
 
 
 def test_train_setup(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "load_fashion_mnist", lambda *a, **k: (inside(), time.sleep(300)))
+    monkeypatch.setattr(data, "load", lambda *a, **k: (inside(), time.sleep(300)))
     invoke(train.main, [*TRAIN_TINY, "--steps", 2, "--out", tmp_path / "run"])
 
 
@@ -1481,13 +1480,13 @@ def test_truncated_dataset_files_are_named(tmp_path):
     for name in data.FILES:
         (raw / name).write_bytes(b"\x00\x00\x08")  # cut short
     with pytest.raises(data.DataError, match="cannot be read"):
-        data.load_fashion_mnist(str(tmp_path), train=False)
+        data.load(str(tmp_path), train=False)
     gz = tmp_path / "gz"
     gz.mkdir()
     for name in data.FILES:
         (gz / f"{name}.gz").write_bytes(open(os.path.join(data.DEBIAN_DIR, f"{name}.gz"), "rb").read()[:2000])  # cut short
     with pytest.raises(data.DataError, match="cannot be decompressed"):
-        data.load_fashion_mnist(str(gz), train=False)
+        data.load(str(gz), train=False)
 
 
 # ---------------------------------------------------------------- faults: others' files, full disks, diverged and crafted weights, logs
@@ -1732,3 +1731,201 @@ def test_every_readme_command_parses():
         if isinstance(command, click.Group):  # evaluate.py: the subcommand's options
             command, args = command.commands[args[0]], args[1:]
         command.make_context(script, list(args)).close()
+
+
+# ---------------------------------------------------------------- your own images: folders, .npz, MNIST, CIFAR-10
+
+TRAIN_DATA = ["--preset", "quick", "--channels", "4", "--batch-size", "4", "--log-every", "1", "--sample-every", "1000", "--device", "cpu"]
+
+
+def write_images(folder, n, size, mode, seed=0):
+    """n random PIL images of `size` (w, h) and `mode` in folder, as PNG."""
+    import numpy as np
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+        pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+        Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode).save(folder / f"{i:03d}.png")
+
+
+@pytest.fixture(scope="module")
+def own_data(tmp_path_factory):
+    """A folder of RGB(A) PNGs of mixed sizes in two class subfolders, a flat gray folder, an .npz,
+    and MNIST and CIFAR-10 files in torchvision's on-disk layout under one data root."""
+    import pickle
+
+    import numpy as np
+    base = tmp_path_factory.mktemp("own")
+    write_images(base / "pets" / "cat", 12, (20, 20), "RGB")
+    write_images(base / "pets" / "dog", 10, (24, 16), "RGBA", seed=1)
+    (base / "pets" / "notes.txt").write_text("not an image: ignored")
+    write_images(base / "pets" / "dog" / ".hidden", 1, (5, 5), "RGB")  # skipped
+    write_images(base / "gray", 12, (16, 16), "L")
+    rng = np.random.default_rng(0)
+    np.savez(base / "set.npz", images=rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8), labels=np.arange(12) % 3, classes=np.array(["a", "b", "c"]))
+    root = base / "root"
+    (root / "MNIST" / "raw").mkdir(parents=True)
+    for prefix, n in (("train", 24), ("t10k", 8)):
+        (root / "MNIST" / "raw" / f"{prefix}-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3]) + b"".join(v.to_bytes(4, "big") for v in (n, 28, 28)) + rng.integers(0, 256, n * 784, dtype=np.uint8).tobytes())
+        (root / "MNIST" / "raw" / f"{prefix}-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + n.to_bytes(4, "big") + bytes(i % 10 for i in range(n)))
+    (root / "cifar-10-batches-py").mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [0, 5, 3, 9]}
+        (root / "cifar-10-batches-py" / name).write_bytes(pickle.dumps(batch))
+    return base
+
+
+def snapshot(folder):
+    return sorted((str(p), p.stat().st_mtime_ns) for p in folder.rglob("*"))
+
+
+def test_own_images_train_resume_sample_inpaint_and_bpd(own_data, tmp_path, cheap_grids):
+    """A folder of RGB images in class subfolders: trained, resumed exactly, sampled with a class
+    name, inpainted, scored for bits/dim; nothing is written into the folder."""
+    import evaluate
+    import sample
+    import train
+    pets, root, before = own_data / "pets", tmp_path / "root", snapshot(own_data / "pets")
+    args = [*TRAIN_DATA, "--data", pets, "--data-root", root, "--image-size", 16]
+    r = invoke(train.main, [*args, "--steps", 4, "--out", tmp_path / "a"])
+    assert r.exit_code == 0 and "decoding 22 images" in r.output, r.output
+    assert invoke(train.main, [*args, "--steps", 2, "--out", tmp_path / "b"]).exit_code == 0
+    r = invoke(train.main, ["--resume", "--steps", 4, "--out", tmp_path / "b", "--data-root", root])
+    assert r.exit_code == 0 and "decoding" not in r.output, r.output  # the cache
+    a, b = (checkpoint.load(tmp_path / run / "ckpt.pt", use_ema=False) for run in "ab")
+    assert all(torch.equal(a.net.state_dict()[k], v) for k, v in b.net.state_dict().items())
+    assert a.shape == (3, 16, 16) and a.classes == ("cat", "dog") and a.train_config.data == str(pets)
+    assert a.model_config.channel_mult == (1, 2)  # 16 -> 8: two levels
+    r = invoke(sample.main, ["--ckpt", tmp_path / "a", "--label", "dog", "--n", 2, "--steps", 2, "--data-root", root, "--out", tmp_path / "dog.png"])
+    assert r.exit_code == 0 and "label dog" in r.output, r.output
+    r = invoke(sample.main, ["--ckpt", tmp_path / "a", "--inpaint", "left", "--n", 1, "--steps", 2, "--data-root", root, "--out", tmp_path / "in.png"])
+    assert r.exit_code == 0, r.output
+    from PIL import Image
+    assert Image.open(tmp_path / "in.png").mode == "RGB" and (tmp_path / "in.png").exists()
+    r = invoke(evaluate.main, ["bpd", "--ckpt", tmp_path / "a", "--n", 1, "--rtol", 1e-2, "--atol", 1e-2, "--data-root", root, "--device", "cpu"])
+    assert r.exit_code == 0 and "over 1 test images" in r.output, r.output
+    r = invoke(evaluate.main, ["bpd", "--ckpt", tmp_path / "a", "--n", 1, "--data", own_data / "gray", "--data-root", root, "--device", "cpu"])
+    assert r.exit_code == 1 and "gives 1x16x16 images, but" in r.output, r.output  # never another shape
+    assert snapshot(own_data / "pets") == before
+
+
+def test_gray_folder_npz_mnist_and_cifar10(own_data, tmp_path, cheap_grids):
+    """A flat gray folder trains an unconditional model (--conditional refused); an .npz and
+    torchvision's MNIST and CIFAR-10 files train conditional ones, sampled by class name."""
+    import sample
+    import train
+    root = own_data / "root"
+    r = invoke(train.main, [*TRAIN_DATA, "--data", own_data / "gray", "--steps", 1, "--out", tmp_path / "gray", "--data-root", tmp_path / "r"])
+    ckpt = checkpoint.load(tmp_path / "gray" / "ckpt.pt")
+    assert r.exit_code == 0 and ckpt.shape == (1, 16, 16) and ckpt.model_config.num_classes == 0, r.output
+    r = invoke(train.main, [*TRAIN_DATA, "--data", own_data / "gray", "--conditional", "--steps", 1, "--out", tmp_path / "g2", "--data-root", tmp_path / "r"])
+    assert r.exit_code == 1 and "--conditional needs labels" in r.output
+    for spec, shape, label in ((own_data / "set.npz", (3, 16, 16), "c"), ("mnist", (1, 28, 28), "7"), ("cifar10", (3, 32, 32), "dog")):
+        out = tmp_path / str(spec).replace("/", "_")
+        r = invoke(train.main, [*TRAIN_DATA, "--data", spec, "--data-root", root, "--steps", 1, "--flip", "--out", out])
+        assert r.exit_code == 0, r.output
+        assert checkpoint.load(out / "ckpt.pt").shape == shape and checkpoint.load(out / "ckpt.pt").train_config.flip
+        r = invoke(sample.main, ["--ckpt", out, "--label", label, "--n", 2, "--steps", 2, "--out", out / "s.npz"])
+        assert r.exit_code == 0 and f"label {label}" in r.output, r.output
+        import numpy as np
+        images = np.load(out / "s.npz")["images"]
+        assert images.shape == ((2, *shape[1:], 3) if shape[0] == 3 else (2, *shape[1:]))
+    r = invoke(sample.main, ["--ckpt", out, "--solver", "pc", "--steps", 2, "--n", 2, "--out", tmp_path / "rgb.gif"])
+    from PIL import Image
+    assert r.exit_code == 0 and Image.open(tmp_path / "rgb.gif").convert("RGB").size[0] > 64, r.output
+
+
+def test_bad_data_gets_one_line_before_training(own_data, tmp_path, monkeypatch):
+    import numpy as np
+
+    import train
+    (tmp_path / "empty").mkdir()
+    write_images(tmp_path / "one", 1, (8, 8), "RGB")
+    write_images(tmp_path / "broken", 3, (8, 8), "RGB")
+    (tmp_path / "broken" / "001.png").write_bytes(open(tmp_path / "broken" / "000.png", "rb").read()[:60])  # truncated
+    (tmp_path / "broken" / "002.png").write_bytes(b"not a png")
+    write_images(tmp_path / "mixed", 2, (8, 8), "RGB")
+    write_images(tmp_path / "mixed" / "more", 2, (16, 16), "RGB")
+    write_images(tmp_path / "wide", 3, (16, 8), "RGB")
+    np.savez(tmp_path / "noimages.npz", pictures=np.zeros((3, 8, 8), np.uint8))
+    np.savez(tmp_path / "shortlabels.npz", images=np.zeros((3, 8, 8), np.uint8), labels=np.zeros(2, np.int64))
+    np.savez(tmp_path / "floatlabels.npz", images=np.zeros((3, 8, 8), np.uint8), labels=np.zeros(3))
+    np.savez(tmp_path / "outside.npz", images=np.zeros((3, 8, 8), np.uint8), labels=np.array([0, 1, 5]), classes=np.array(["a", "b"]))
+    np.savez(tmp_path / "floatimages.npz", images=np.zeros((3, 8, 8)))
+    (tmp_path / "notzip.npz").write_bytes(b"garbage")
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    for name in data.FILES:
+        kind = 3 if "images" in name else 1
+        body = bytes([0, 0, 8, kind]) + (2).to_bytes(4, "big") + (b"".join(v.to_bytes(4, "big") for v in (4, 4)) + bytes(32) if kind == 3 else bytes([3, 12]))
+        (idx / name).write_bytes(body)
+    cases = [(tmp_path / "empty", "no image files"), (tmp_path / "nowhere", "no such folder or file"),
+             (tmp_path / "one", "1 image; at least 2"), (tmp_path / "broken", "not a readable image"),
+             (tmp_path / "mixed", "give --image-size"), (tmp_path / "wide", "16x8 images; give --image-size"),
+             (tmp_path / "noimages.npz", "no 'images' array (it holds pictures)"),
+             (tmp_path / "shortlabels.npz", "one per image (3)"), (tmp_path / "floatlabels.npz", "must be integers"),
+             (tmp_path / "outside.npz", "outside the classes 0-1"), (tmp_path / "floatimages.npz", "must be uint8"),
+             (tmp_path / "notzip.npz", "not a readable .npz"), (idx, "labels outside 0-9")]
+    for spec, message in cases:
+        r = invoke(train.main, [*TRAIN_DATA, "--data", spec, "--data-root", tmp_path / "root", "--out", tmp_path / "run"])
+        assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, (spec, r.output)
+        assert len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "nowhere").exists() and not (tmp_path / "run").exists()
+    write_images(tmp_path / "broken2", 2, (8, 8), "RGB")
+    (tmp_path / "broken2" / "001.png").write_bytes(open(tmp_path / "broken2" / "000.png", "rb").read()[:60])
+    r = invoke(train.main, [*TRAIN_DATA, "--data", tmp_path / "broken2", "--data-root", tmp_path / "root", "--out", tmp_path / "run"])
+    assert r.exit_code == 1 and "001.png" in r.output and "truncated" in r.output, r.output
+    for size, message in ((0, "0 is not in the range 1<=x<=4096"), (36, "--image-size 36: the U-Net")):
+        r = invoke(train.main, [*TRAIN_DATA, "--data", own_data / "gray", "--image-size", size, "--out", tmp_path / "run"])
+        assert r.exit_code in (1, 2) and message in r.output, r.output
+    monkeypatch.setattr(data, "available_memory", lambda: 4000)  # 12 images of 16x16 take 3072 bytes
+    r = invoke(train.main, [*TRAIN_DATA, "--data", own_data / "gray", "--data-root", tmp_path / "root", "--steps", 1, "--out", tmp_path / "run"])
+    assert r.exit_code == 1 and "GB of memory available" in r.output, r.output
+
+
+def test_dataset_shapes_levels_and_cache(own_data, tmp_path, monkeypatch):
+    assert [data.unet_levels(s) for s in (4, 8, 14, 16, 28, 32, 64, 48, 36, 0)] == [1, 1, 2, 2, 3, 3, 4, 4, None, None]
+    assert data.channel_mult(28, (1, 2, 4)) == (1, 2, 4) and data.channel_mult(64, (1, 2, 2)) == (1, 2, 2, 2) and data.channel_mult(16, (1, 2, 4)) == (1, 2)
+    wide = torch.zeros(1, 3, 8, 16, dtype=torch.uint8)
+    wide[..., 4:12] = 200  # the centre square survives the crop
+    assert data.fit(wide, 8, False).shape == (1, 3, 8, 8) and bool((data.fit(wide, 8, False) == 200).all())
+    assert data.fit(wide, None, True).shape == (1, 1, 8, 16)
+    rgba = torch.tensor([[10, 20, 30, 0], [10, 20, 30, 255]], dtype=torch.uint8).T.reshape(1, 4, 1, 2)
+    assert data.on_white(rgba).flatten().tolist() == [255, 10, 255, 20, 255, 30]  # transparent -> white
+    pets = own_data / "pets"
+    train_set = data.load(str(pets), tmp_path, image_size=8)
+    test_set = data.load(str(pets), tmp_path, train=False, image_size=8)
+    assert len(train_set.images) + len(test_set.images) == 22 and len(test_set.images) == 2 and train_set.classes == ("cat", "dog")
+    assert data.load(str(own_data / "gray"), tmp_path).labels is None
+    monkeypatch.setattr(data, "decode_folder", lambda *a: pytest.fail("decoded again"))
+    assert torch.equal(data.load(str(pets), tmp_path, image_size=8).images, train_set.images)  # from the cache
+
+
+def test_fd_feature_network_for_own_data(own_data, tmp_path, few_test_images):
+    """train-classifier on a labelled folder; fd with it; a checkpoint of other data or shape is refused before sampling."""
+    import evaluate
+    import train
+    pets, root = own_data / "pets", tmp_path / "root"
+    r = invoke(evaluate.main, ["train-classifier", "--data", pets, "--image-size", 16, "--data-root", root, "--device", "cpu", "--epochs", 1])
+    assert r.exit_code == 1 and "give --out" in r.output
+    r = invoke(evaluate.main, ["train-classifier", "--data", pets, "--image-size", 16, "--data-root", root, "--device", "cpu", "--epochs", 1, "--out", tmp_path / "f.pt"])
+    assert r.exit_code == 0 and "of 2 classes" in r.output, r.output
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "GRID_STEPS", 2)
+        r = invoke(train.main, [*TRAIN_DATA, "--data", pets, "--data-root", root, "--image-size", 16, "--steps", 1, "--out", tmp_path / "run"])
+    assert r.exit_code == 0, r.output
+    r = invoke(evaluate.main, ["fd", "--ckpt", tmp_path / "run", "--classifier", tmp_path / "f.pt", "--n", 4, "--steps", 2, "--data-root", root, "--device", "cpu"])
+    assert r.exit_code == 0 and "floor" in r.output and "cat" in r.output, r.output
+    for args, message in [(["--ckpt", tmp_path / "run"], "give --classifier"),
+                          (["--classifier", tmp_path / "f.pt"], "scores 3x16x16 images of")]:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(evaluate, "generate", lambda *a, **k: pytest.fail("sampled before refusing"))
+            r = invoke(evaluate.main, ["fd", *args, "--n", 4, "--data-root", root, "--device", "cpu"])
+        assert r.exit_code == 1 and message in r.output, r.output
+
+
+def test_old_checkpoints_are_fashion_mnist():
+    ckpt = checkpoint.load(cli.SHIPPED)
+    assert ckpt.train_config.data == "fashion-mnist" and ckpt.classes == data.FASHION and ckpt.shape == (1, 28, 28)

@@ -1,9 +1,10 @@
 """
-Train a score-based model on FashionMNIST.
+Train a score-based model on FashionMNIST, MNIST, CIFAR-10 or your own images.
 
     python train.py --preset quick --out runs/quick    # 0.17 M parameters, for a CPU (see --help)
     python train.py --device cuda                      # the default preset: 6.19 M, for a GPU
     python train.py --resume --out runs/quick          # continue a stopped run exactly
+    python train.py --preset quick --data my_images --image-size 32 --out runs/mine
     torchrun --nproc_per_node 2 train.py --device cuda # data-parallel (DDP)
     python sample.py --ckpt runs/quick                 # then sample the run
 
@@ -95,7 +96,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     autocast: torch.autocast
     images: torch.Tensor  # (N, C, H, W) uint8, on the device: 47 MB, no copy per step
-    labels: torch.Tensor  # (N,)
+    labels: torch.Tensor  # (N,), None for unlabelled data
     device: str
     world: int
     rank: int
@@ -127,6 +128,9 @@ def train_step(run, step):
     idx = data.batch_indices(step, B, len(run.images), cfg.seed, run.rank, run.world)
     idx = idx.to(run.device, non_blocking=True)
     x = data.to_model_range(run.images[idx], run.ckpt.data_range, dequantize=True)
+    if cfg.flip:  # half the images mirrored left-right
+        flipped = torch.rand(B, device=run.device) < 0.5
+        x = torch.where(flipped[:, None, None, None], x.flip(3), x)
     x = x.contiguous(memory_format=torch.channels_last)
     labels = None
     if cfg.conditional:  # dropped labels (-1) train the unconditional score for guidance
@@ -191,7 +195,8 @@ def ema_checkpoint(run, **changes):
 def sample_grid(run, step, n=64):
     """A grid from the EMA weights, with generators of its own: the training RNG stays untouched."""
     sampler = ema_checkpoint(run)
-    labels = torch.arange(n, device=run.device) % 10 if run.cfg.conditional else None
+    classes = run.ckpt.model_config.num_classes
+    labels = torch.arange(n, device=run.device) % classes if classes else None
     generator = torch.Generator(run.device).manual_seed(0)
     x, _ = sgm.sample(sampler.score_fn(labels), sampler.sde, (n, *run.images.shape[1:]), "heun",
                       GRID_STEPS, generator=generator, device=run.device)  # fmt: skip
@@ -378,8 +383,27 @@ PRESET_HELP = (
 @click.option("--resume", is_flag=True, help="Continue <out>/ckpt.pt with its stored config.")
 @click.option("--overwrite", is_flag=True, help="Replace the run in --out (else it is refused).")
 @click.option("--seed", type=int, help=preset_help("seed"))
-@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=data.DATA_DIR,
-              show_default=True, help="FashionMNIST folder.")  # fmt: skip
+@click.option(
+    "--data",
+    default="fashion-mnist",
+    show_default=True,
+    help="fashion-mnist, mnist, "
+    "cifar10, a folder of images (first-level subfolders: classes) or an .npz file.",
+)
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False),
+    default=data.DATA_DIR,
+    show_default=True,
+    help="Downloads, and the cache of decoded folders.",
+)
+@click.option(
+    "--image-size",
+    type=click.IntRange(1, 4096),
+    help="Resize the shorter side and centre-crop to SxS [the images' own size].",
+)
+@click.option("--grayscale", is_flag=True, default=None, help="One channel [as the images].")
+@click.option("--flip", is_flag=True, default=None, help="Random horizontal flips in training.")
 @click.option("--limit-data", type=click.IntRange(1), help="Use the first N training images.")
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the network.")
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast [on CUDA; off on a CPU].")
@@ -388,12 +412,14 @@ PRESET_HELP = (
 @click.option("--ckpt-every", type=click.IntRange(1), help=preset_help("ckpt_every"))
 @click.pass_context
 def main(ctx, **flags):
-    """Train a score-based generative model (Song et al. 2021) on FashionMNIST."""
+    """Train a score-based generative model (Song et al. 2021) on FashionMNIST or other images."""
     if flags["steps"] is not None and flags["epochs"] is not None:
         raise click.ClickException("give one of --steps and --epochs")
     snapshots = parse_minutes(flags["snapshot_minutes"], flags["time_limit"])
     if flags["resume"] and flags["overwrite"]:
         raise click.ClickException("--resume continues the run in --out; --overwrite replaces it")
+    data.check_image_size(flags["image_size"])
+    flags["data"] = data.describe(flags["data"])  # a folder's or file's absolute path
     device, world, rank = setup_processes(flags["device"])
     if (flags["time_limit"] or snapshots) and world > 1:
         raise click.ClickException("--time-limit and snapshots need one process")
@@ -408,23 +434,54 @@ def main(ctx, **flags):
         check_steps_left(out, stored, cfg.steps, "--steps")
     if rank == 0:
         checkpoint.check_run_folder(out, flags["resume"], flags["overwrite"])
-    images, labels = data.training_data(flags["data_dir"], cfg.limit_data, cfg.batch_size * world)
+    dataset = data.load(
+        cfg.data,
+        flags["data_root"],
+        True,
+        cfg.image_size or None,
+        cfg.grayscale,
+        note=console.print if rank == 0 else lambda text: None,
+    )
+    images, labels = data.training_data(dataset, cfg.limit_data, cfg.batch_size * world)
+    cfg = fit_to_data(ctx, cfg, dataset, stored)
     if flags["epochs"] is not None:
         cfg.steps = max(1, round(flags["epochs"] * len(images) / (cfg.batch_size * world)))
         check_steps_left(out, stored, cfg.steps, f"--epochs {flags['epochs']:g}")
     torch.manual_seed(cfg.seed + rank)  # the network's initial weights
-    ckpt = stored or checkpoint.new_checkpoint(cfg, images, labels, device)
+    ckpt = stored or checkpoint.new_checkpoint(cfg, images, labels, dataset.classes, device)
     ckpt.train_config = cfg
     ema, optimizer = checkpoint.training_state(ckpt, cfg, device, rank, f"{out}/ckpt.pt")
     bf16 = cli.use_bf16(device, cfg.amp)
     autocast = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=bf16)
     net = torch.compile(ckpt.net) if flags["use_compile"] else ckpt.net
     net = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
-    run = Run(cfg, ckpt, net, ema, optimizer, autocast, images.to(device), labels.to(device),
+    labels = None if labels is None else labels.to(device)
+    run = Run(cfg, ckpt, net, ema, optimizer, autocast, images.to(device), labels,
               device, world, rank, out, flags["time_limit"], snapshots)  # fmt: skip
     if rank == 0:
         checkpoint.start_run_folder(out, stored.step if stored else None)
     train(run)
+
+
+def fit_to_data(ctx, cfg, dataset, stored):
+    """A new run's network follows the data: a level per halving down to 7 or 8 pixels, labels
+    only where the data has them. A resumed run must find the data it was trained on."""
+    if stored is not None:
+        if dataset.shape != stored.shape:
+            raise click.ClickException(f"--data {cfg.data} now gives "
+                                       f"{'x'.join(map(str, dataset.shape))} images, but the run "
+                                       f"trains on {'x'.join(map(str, stored.shape))}")  # fmt: skip
+        if stored.model_config.num_classes not in (0, len(dataset.classes)):
+            raise click.ClickException(f"--data {cfg.data} now has {len(dataset.classes)} classes"
+                                       f", the run {stored.model_config.num_classes}")  # fmt: skip
+        return cfg
+    if cfg.conditional and dataset.labels is None:
+        if ctx.get_parameter_source("conditional") == ParameterSource.COMMANDLINE:
+            raise click.ClickException(f"--conditional needs labels, and {cfg.data} has none: "
+                                       "put the images in one subfolder per class")  # fmt: skip
+        cfg = dataclasses.replace(cfg, conditional=False)
+    mult = data.channel_mult(dataset.shape[-1], cfg.channel_mult)
+    return dataclasses.replace(cfg, channel_mult=mult)
 
 
 def parse_minutes(text, budget):

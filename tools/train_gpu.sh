@@ -27,7 +27,7 @@ DEFAULT_RECIPES+="|lr1e-3_b512:--lr 1e-3 --batch-size 512 --warmup 1000 --ema-de
 : "${RECIPES:=$DEFAULT_RECIPES}"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 mkdir -p "$OUT"
-python -c "import data; data.load_fashion_mnist('$DATA'); data.load_fashion_mnist('$DATA', False)"
+python -c "import data; data.load('fashion-mnist', '$DATA'); data.load('fashion-mnist', '$DATA', False)"
 python -c "import torch as t; print(t.__version__, t.cuda.is_available() and t.cuda.get_device_name())" \
   | tee "$OUT/speed.txt"
 for b in 128 512; do  # one process alone on the device
@@ -41,7 +41,7 @@ for recipe in "${LIST[@]}"; do
   name=${recipe%%:*}
   flags=${recipe#*:}
   # shellcheck disable=SC2086
-  python train.py --preset default --sde subvp --conditional --device "$DEVICE" --data "$DATA" \
+  python train.py --preset default --sde subvp --conditional --device "$DEVICE" --data-root "$DATA" \
     --time-limit "$MINUTES" --steps 1000000 --overwrite --log-every 200 $flags --out "$OUT/$name" \
     > "$OUT/$name.log" 2>&1 &
   pids+=($!)
@@ -56,15 +56,15 @@ for recipe in "${LIST[@]}"; do
   [ -f "$OUT/$name/ckpt.pt" ] || continue
   (python evaluate.py export "$OUT/$name/ckpt.pt" --out "$OUT/$name.pt" --overwrite --n 0 \
      --device "$DEVICE" &&
-   python evaluate.py fd --ckpt "$OUT/$name.pt" --n "$FD_N" --device "$DEVICE" --data "$DATA" &&
+   python evaluate.py fd --ckpt "$OUT/$name.pt" --n "$FD_N" --device "$DEVICE" --data-root "$DATA" &&
    python evaluate.py bpd --ckpt "$OUT/$name.pt" --n "$BPD_N" --batch-size 500 --device "$DEVICE" \
-     --data "$DATA") > "$OUT/$name.eval.txt" 2>&1 &
+     --data-root "$DATA") > "$OUT/$name.eval.txt" 2>&1 &
   pids+=($!)
 done
 # The shipped model: pc at 1000 steps (2000 NFE), too slow for the CPU, against dpmpp_2m_sde at 35
 (for arm in pc@1000 dpmpp_2m_sde@35; do
    python evaluate.py fd --n 1000 --solver "${arm%@*}" --steps "${arm#*@}" --device "$DEVICE" \
-     --data "$DATA"; done) > "$OUT/shipped.eval.txt" 2>&1 &
+     --data-root "$DATA"; done) > "$OUT/shipped.eval.txt" 2>&1 &
 pids+=($!)
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 cat "$OUT"/*.eval.txt | grep -v "━" > "$OUT/eval.txt" || true
