@@ -80,6 +80,19 @@ def check_writable(path):
         raise sgm.SGMError(f"{path}: cannot write there ({e.strerror})") from None
 
 
+def check_not_input(out, inputs, what="the checkpoint", flag="--out"):
+    """Refuse an output that is, or resolves to (a symlink, a hard link, another spelling), one of
+    the command's input files: writing it would replace the input."""
+    for path in inputs:
+        try:
+            same = os.path.samefile(out, path)
+        except OSError:  # one of them does not exist (yet)
+            same = os.path.realpath(out) == os.path.realpath(path)
+        if same:
+            shown = "" if out == path else f" ({path})"
+            raise sgm.SGMError(f"{flag} {out} is {what} itself{shown}; write elsewhere")
+
+
 def check_number(name, value, low=-math.inf, high=math.inf, low_open=False):
     """Refuse NaN, inf and out-of-range numbers with one line, before any work starts."""
     ok = isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high

@@ -515,8 +515,9 @@ def sweep_command(ckpt_path, n, solvers, max_steps, out, seed, labels, device, d
     ]
     if not arms:
         raise click.ClickException("--solvers names no solver")
-    cli.check_writable(out + ".md")
-    cli.check_writable(out + ".png")
+    for path in (out + ".md", out + ".png"):
+        cli.check_not_input(path, [ckpt_path], flag="--out gives")
+        cli.check_writable(path)
     ckpt = checkpoint.load(ckpt_path, device)
     for _, solver, options, _ in arms:
         check_arm(ckpt, solver, options)
@@ -618,6 +619,9 @@ def runs_command(folders, n, seeds, out, snapshots, labels, device, data_dir):
     seeds = cli.parse_list(seeds, "--seeds", int, "whole numbers")
     cli.check_writable(out + ".md")
     runs = [(folder, *run_points(folder, snapshots)) for folder in folders]  # all checked first
+    inputs = [path for _, points, _ in runs for _, path in points]
+    inputs += [os.path.join(folder, "log.jsonl") for folder in folders]
+    cli.check_not_input(out + ".md", inputs, "a run's file", "--out gives")
     scorer = Scorer(data_dir, device)
     floors = " / ".join(f"{scorer.floor(n, seed):.2f}" for seed in seeds)
     header = (
@@ -696,6 +700,7 @@ def compare_command(ckpt_paths, solvers, nfe, n, out, seed, labels, device, data
                 f"unknown solver {s!r}; choose from {', '.join(sgm.SOLVERS)}"
             )
     if out:
+        cli.check_not_input(out, ckpt_paths)
         cli.check_writable(out)
     ckpts = [(path, checkpoint.load(path, device)) for path in ckpt_paths]  # all, first
     for (_, ckpt), solver in itertools.product(ckpts, chosen):
@@ -770,10 +775,7 @@ def export_command(ckpt_path, out, overwrite, half, n, seed, device, data_dir):
     """Write a training checkpoint's EMA weights alone (no optimizer, no raw weights), to ship, and
     compare the FD of the exported weights with the original's on the same noise (heun, 35 NFE)."""
     device = cli.resolve_device(device)
-    if os.path.abspath(out) == os.path.abspath(ckpt_path):
-        raise click.ClickException(
-            f"--out {out} is the checkpoint itself; write the export elsewhere"
-        )
+    cli.check_not_input(out, [ckpt_path])
     if os.path.exists(out) and not overwrite:
         raise click.ClickException(f"--out {out} exists; give --overwrite to replace it")
     if n == 1:
@@ -868,6 +870,7 @@ def guidance_command(ckpt_path, weights, n, solver, steps, out, seed, device, da
     ws = parse_weights(weights)
     check_arm(ckpt, solver, {})
     if out:
+        cli.check_not_input(out, [ckpt_path])
         cli.check_writable(out)
     scorer = Scorer(data_dir, device)
     floors = [scorer.floor(n, seed, label=c) for c in range(10)]

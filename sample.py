@@ -176,6 +176,7 @@ def main(ckpt_path, solver, n, steps, eps, seed, device, ema, batch_size, out, l
 
     # Load: the checkpoint, the labels and, to inpaint or interpolate, test images
     ckpt_path, device = cli.find_checkpoint(ckpt_path), cli.resolve_device(device)
+    cli.check_not_input(out, [ckpt_path])
     ckpt = checkpoint.load(ckpt_path, device, use_ema=ema)
     n, steps = n or N_DEFAULT[mode], steps or sgm.SOLVERS[solver].steps
     labels, labels_used = make_labels(label, ckpt, n, mode, seed)

@@ -1707,6 +1707,33 @@ def test_evaluate_refuses_bad_arms_and_files_before_any_work(tiny_ckpt, tiny_run
     assert r.exit_code == 1 and "snapshot_0.5min.pt: not a readable checkpoint" in r.output, r.output
 
 
+# ---------------------------------------------------------------- faults, fourth round
+
+def test_no_command_writes_over_its_own_input(tiny_ckpt, tiny_run, tmp_path, monkeypatch):
+    """An output that is an input, or a link to one, is refused before any work; the input is untouched."""
+    import shutil
+
+    import evaluate
+    monkeypatch.setattr(evaluate, "Scorer", lambda *a: pytest.fail("work started before --out was checked"))
+    model = shutil.copy(tiny_ckpt / "tiny.pt", tmp_path / "m.pt")
+    run = copy_run(tiny_run, tmp_path)
+    os.symlink(run / "ckpt.pt", tmp_path / "link.pt")
+    os.symlink(model, tmp_path / "link.md")
+    os.symlink(model, tmp_path / "link.png")
+    os.symlink(run / "log.jsonl", tmp_path / "log.md")
+    before = {path: open(path, "rb").read() for path in (model, run / "ckpt.pt", run / "log.jsonl")}
+    for args in [("compare", model, "--out", model), ("guidance", "--ckpt", model, "--out", model),
+                 ("compare", model, "--out", tmp_path / "link.md"), ("export", run / "ckpt.pt", "--out", tmp_path / "link.pt", "--overwrite"),
+                 ("export", tmp_path / "link.pt", "--out", run / "ckpt.pt", "--overwrite"), ("sweep", "--ckpt", model, "--out", tmp_path / "link"),
+                 ("runs", run, "--out", tmp_path / "log")]:
+        r = run_evaluate(*args, "--n", 4, "--device", "cpu")
+        assert r.exit_code == 1 and "itself" in r.output and isinstance(r.exception, SystemExit), (args, r.output)
+    monkeypatch.setattr(sgm, "sample", lambda *a, **k: pytest.fail("sampled before --out was checked"))
+    r = run_sample("--ckpt", model, "--out", tmp_path / "link.png")
+    assert r.exit_code == 1 and "is the checkpoint itself" in r.output, r.output
+    assert all(open(path, "rb").read() == content for path, content in before.items())
+
+
 def readme_commands():
     """Every `python SCRIPT.py ...` (and torchrun) line in the README's bash blocks, as (script, args)."""
     import re
