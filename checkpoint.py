@@ -429,6 +429,12 @@ def check_run_folder(out, resume, overwrite):
         raise sgm.SGMError(f"--out {out} is a file, not a folder")
     cli.check_writable(os.path.join(out, "ckpt.pt"))
     found = run_files(out)
+    odd = [os.path.basename(path) for path in found if not os.path.isfile(path)]
+    if odd:  # a folder, a FIFO, a dangling link: neither removed, read nor written
+        raise sgm.SGMError(
+            f"{out} holds {', '.join(odd)}, not a plain file but with a run file's name: nothing "
+            "there is touched; move it or give another --out"
+        )
     if resume or not found:
         return
     steps, foreign = {}, []

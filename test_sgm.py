@@ -1734,6 +1734,19 @@ def test_no_command_writes_over_its_own_input(tiny_ckpt, tiny_run, tmp_path, mon
     assert all(open(path, "rb").read() == content for path, content in before.items())
 
 
+def test_a_run_file_name_that_is_no_plain_file_stops_the_run_before_anything_is_removed(tiny_run, tmp_path, monkeypatch):
+    import train
+    monkeypatch.setattr(data, "training_data", lambda *a: pytest.fail("data loaded before the run folder was checked"))
+    out = copy_run(tiny_run, tmp_path)
+    (out / "samples_0000009.png").mkdir()
+    before = sorted(os.listdir(out))
+    for extra in (["--overwrite"], ["--resume", "--steps", "6"]):
+        r = invoke(train.main, [*TRAIN_TINY, "--steps", "2", "--out", str(out), *extra] if "--overwrite" in extra
+                   else ["--device", "cpu", "--out", str(out), *extra])
+        assert r.exit_code == 1 and "samples_0000009.png, not a plain file" in r.output, r.output
+        assert sorted(os.listdir(out)) == before
+
+
 def readme_commands():
     """Every `python SCRIPT.py ...` (and torchrun) line in the README's bash blocks, as (script, args)."""
     import re
