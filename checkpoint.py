@@ -316,7 +316,8 @@ def from_state(state, device, use_ema):
         try:
             check_optimizer(resume["optimizer"], net)
             check_log(resume["log"])
-        except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
+            check_rng(resume["rng"])
+        except (KeyError, TypeError, AttributeError, ValueError, IndexError, RuntimeError) as e:
             raise ResumeStateError(cli.first_line(e)) from None
     return Checkpoint(
         net=net.eval().requires_grad_(False),
@@ -382,7 +383,8 @@ def check_extra(extra, num_classes):
 
 def check_optimizer(optimizer, net):
     """Adam's state for `net`: its parameters in order, each with a step and two moments of its
-    shape (torch checks neither before the first step)."""
+    shape (torch checks neither before the first step), all finite, the step and the second
+    moment not negative."""
     params = list(net.parameters())
     if [i for group in optimizer["param_groups"] for i in group["params"]] != [*range(len(params))]:
         raise ValueError("the optimizer state is for another network")
@@ -397,6 +399,28 @@ def check_optimizer(optimizer, net):
                     f"the optimizer's {name} of parameter {i} has shape "
                     f"{tuple(moments[name].shape)}, not {tuple(params[i].shape)}"
                 )
+        values = {name: moments[name].double() for name in ("step", "exp_avg", "exp_avg_sq")}
+        for name, value in values.items():
+            if not torch.isfinite(value).all() or name != "exp_avg" and (value < 0).any():
+                raise ValueError(f"the optimizer's {name} of parameter {i} is not finite and "
+                                 f"non-negative (it holds {float(value.min()):.3g})")  # fmt: skip
+
+
+def check_rng(rng):
+    """The RNG states train.py stores: a CPU generator state, and a CUDA one where it ran on a GPU
+    (seed and offset, 16 bytes)."""
+    if rng is None:
+        return
+    if not isinstance(rng, dict) or set(rng) - {"cpu", "cuda"} or "cpu" not in rng:
+        raise ValueError("the RNG state is not {'cpu': ..., 'cuda': ...}")
+    for name, state in rng.items():
+        if state is None and name == "cuda":
+            continue
+        if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.dim() != 1:
+            raise ValueError(f"the {name} RNG state is not a byte tensor")
+    torch.Generator().set_state(rng["cpu"].cpu())  # RuntimeError for a state of the wrong size
+    if rng.get("cuda") is not None and rng["cuda"].numel() != 16:
+        raise ValueError(f"the cuda RNG state has {rng['cuda'].numel()} bytes, not 16")
 
 
 def check_log(log):

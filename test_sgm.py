@@ -1747,6 +1747,38 @@ def test_a_run_file_name_that_is_no_plain_file_stops_the_run_before_anything_is_
         assert sorted(os.listdir(out)) == before
 
 
+def test_crafted_optimizer_values_and_rng_states_are_refused_before_resuming(tiny_run, tmp_path, monkeypatch):
+    """Optimizer moments and steps that are NaN or negative, and RNG states of the wrong kind, are damage: one line
+    naming the resume state, before the data is loaded (not "loss became nan" after training on them)."""
+    import shutil
+
+    import train
+    good = torch.load(tiny_run / "ckpt.pt", weights_only=True)
+    adam, first = good["optimizer"], min(good["optimizer"]["state"])
+
+    def moment(name, value):
+        state = {**adam["state"][first], name: torch.full_like(adam["state"][first][name], value)}
+        return dict(optimizer={**adam, "state": {**adam["state"], first: state}})
+
+    cases = {"exp_avg_nan": moment("exp_avg", float("nan")), "exp_avg_sq_negative": moment("exp_avg_sq", -1.0),
+             "step_nan": moment("step", float("nan")), "step_negative": moment("step", -3.0),
+             "rng_size": dict(rng={"cpu": torch.zeros(7, dtype=torch.uint8)}), "rng_no_cpu": dict(rng={"cuda": None}),
+             "rng_text": dict(rng={"cpu": "state"}), "rng_float": dict(rng={"cpu": torch.zeros(5056)}),
+             "rng_cuda_size": dict(rng={**good["rng"], "cuda": torch.zeros(3, dtype=torch.uint8)})}
+    monkeypatch.setattr(data, "training_data", lambda *a: pytest.fail("data loaded before the checkpoint was checked"))
+    for name, change in cases.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save({**good, **change}, path)
+        with pytest.raises(checkpoint.CheckpointError, match="damaged resume state") as e:
+            checkpoint.load(str(path), use_ema=False)
+        assert "\n" not in str(e.value), name
+        run = tmp_path / name
+        run.mkdir()
+        shutil.copy(path, run / "ckpt.pt")
+        r = invoke(train.main, ["--device", "cpu", "--out", str(run), "--resume", "--steps", "6"])
+        assert r.exit_code == 1 and "damaged resume state" in r.output and isinstance(r.exception, SystemExit), (name, r.output)
+
+
 def readme_commands():
     """Every `python SCRIPT.py ...` (and torchrun) line in the README's bash blocks, as (script, args)."""
     import re
