@@ -292,6 +292,7 @@ def from_state(state, device, use_ema):
     sde = make_sde(state["sde"])
     if tuple(state["data_range"]) != sde.data_range:
         raise ValueError(f"data_range {state['data_range']!r} is not the SDE's {sde.data_range}")
+    check_network(model_config, (state["ema"], state["model"]))  # before it takes any memory
     net = sgm.UNet(model_config).to(device)
     is_ema = state["ema"] is not None and (use_ema or state["model"] is None)
     chosen, other = (state["ema"], state["model"]) if is_ema else (state["model"], state["ema"])
@@ -351,6 +352,32 @@ def make_model_config(stored):
     if type(config.attention) is not bool:
         raise ValueError(f"attention {config.attention!r}")
     return config
+
+
+MAX_PARAMETERS = 5 * 10**8  # 2 GB in fp32; the default preset's network has 6.19 M
+
+
+def check_network(config, stored=()):
+    """The network `config` asks for, planned on the meta device (no memory, no random numbers):
+    at most MAX_PARAMETERS parameters, and the names and shapes of each of the `stored` weights
+    (None: absent) those of its state dict."""
+    with torch.device("meta"):
+        plan = sgm.UNet(config)
+    count = sum(p.numel() for p in plan.parameters())
+    if count > MAX_PARAMETERS:
+        raise ValueError(f"the network would have {count / 1e6:.0f} M parameters, above the "
+                         f"{MAX_PARAMETERS / 1e6:.0f} M this project allows")  # fmt: skip
+    shapes = {name: tuple(value.shape) for name, value in plan.state_dict().items()}
+    for weights in stored:
+        if weights is None:
+            continue
+        if set(weights) != set(shapes):
+            names = sorted(set(weights) ^ set(shapes))
+            raise ValueError(f"the weights' names differ from the network's ({names[0]}, ...)")
+        for name, shape in shapes.items():
+            if tuple(weights[name].shape) != shape:
+                raise ValueError(f"the weight {name} has shape {tuple(weights[name].shape)}, "
+                                 f"not the network's {shape}")  # fmt: skip
 
 
 def make_sde(stored):
@@ -509,6 +536,10 @@ def new_checkpoint(cfg, images, labels, device):
                                    num_res_blocks=cfg.num_res_blocks, dropout=cfg.dropout,
                                    num_classes=10 if cfg.conditional else 0)  # fmt: skip
     sde = cfg.make_sde()
+    try:
+        check_network(model_config)
+    except ValueError as e:
+        raise sgm.SGMError(str(e)) from None
     net = sgm.UNet(model_config).to(device)
     ckpt = Checkpoint(net, sde, sde.data_range, model_config, cfg)
     if cfg.conditional:

@@ -1779,6 +1779,26 @@ def test_crafted_optimizer_values_and_rng_states_are_refused_before_resuming(tin
         assert r.exit_code == 1 and "damaged resume state" in r.output and isinstance(r.exception, SystemExit), (name, r.output)
 
 
+def test_a_crafted_network_size_is_refused_before_the_network_is_built(tiny_ckpt, tmp_path, monkeypatch):
+    """A small file whose config asks for a huge network costs no memory: the parameter count and the stored
+    weights' shapes are checked on a plan of the network (the meta device) before it is built."""
+    good = torch.load(tiny_ckpt / "tiny.pt", weights_only=True)
+    real_unet = sgm.UNet
+
+    def planned_only(config):
+        assert torch.empty(()).device.type == "meta", "a network was built before its size was checked"
+        return real_unet(config)
+
+    monkeypatch.setattr(sgm, "UNet", planned_only)
+    for config, message in [(dict(channels=256, num_res_blocks=8), "names differ"), (dict(channels=256), "has shape"), (dict(channels=1024, channel_mult=[8]), "M parameters")]:
+        path = tmp_path / "crafted.pt"
+        torch.save({**good, "config": {**good["config"], **config}}, path)
+        with pytest.raises(checkpoint.CheckpointError, match=message):
+            checkpoint.load(str(path))
+    monkeypatch.setattr(sgm, "UNet", real_unet)
+    assert checkpoint.load(str(tiny_ckpt / "tiny.pt")).step == 0  # a fitting file loads as before
+
+
 def readme_commands():
     """Every `python SCRIPT.py ...` (and torchrun) line in the README's bash blocks, as (script, args)."""
     import re
