@@ -1799,6 +1799,35 @@ def test_a_crafted_network_size_is_refused_before_the_network_is_built(tiny_ckpt
     assert checkpoint.load(str(tiny_ckpt / "tiny.pt")).step == 0  # a fitting file loads as before
 
 
+@pytest.mark.parametrize("env, message", [({"RANK": "1"}, "RANK=1 is set but not WORLD_SIZE"), ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0 in the environment"),
+                                          ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' in the environment: not a whole number"),
+                                          ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT not set"),
+                                          ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, "RANK=2 in the environment"),
+                                          ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "SGM_DIST_TIMEOUT": "nan"}, "SGM_DIST_TIMEOUT")])
+def test_a_bad_distributed_environment_is_one_line(tmp_path, monkeypatch, env, message):
+    import train
+    monkeypatch.setattr(data, "training_data", lambda *a: pytest.fail("data loaded before the environment was checked"))
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SGM_DIST_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    r = invoke(train.main, [*TRAIN_TINY, "--steps", "2", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 1 and message in r.output and isinstance(r.exception, SystemExit), r.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_waiting_for_other_processes_says_so_and_times_out(tmp_path):
+    """A peer that never comes: what is awaited is printed, and SGM_DIST_TIMEOUT ends the wait with one line."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "SGM_DIST_TIMEOUT": "2"}
+    r = run_cli("train.py", *TRAIN_TINY, "--steps", "2", "--out", str(tmp_path / "run"), env=env, timeout=120)
+    assert f"process 0 of 2: waiting for the others at 127.0.0.1:{port} (up to 2 s" in r.stderr, r.stderr
+    assert r.returncode == 1 and "could not join the others" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def readme_commands():
     """Every `python SCRIPT.py ...` (and torchrun) line in the README's bash blocks, as (script, args)."""
     import re

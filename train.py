@@ -14,6 +14,7 @@ and samples_<step>.png (EMA weights, Heun, 35 NFE). ckpt.pt stores the run's who
 
 import copy
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -42,15 +43,70 @@ GRID_STEPS = sgm.SOLVERS["heun"].steps  # the sample grids: Heun, 35 NFE
 # Set-up: processes, configuration, run folder, network and optimizer
 
 
+def distributed_env():
+    """(world size, rank, local rank) from torchrun's variables, checked: a plain run sets none of
+    them; several processes need all four of RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT."""
+    env = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    values = {}
+    for name, text in env.items():
+        try:
+            values[name] = int(text) if text is not None else None
+        except ValueError:
+            raise sgm.SGMError(f"{name}={text!r} in the environment: not a whole number") from None
+    world = 1 if values["WORLD_SIZE"] is None else values["WORLD_SIZE"]
+    if world < 1:
+        raise sgm.SGMError(f"WORLD_SIZE={world} in the environment: it must be at least 1")
+    rank, local = values["RANK"], values["LOCAL_RANK"]
+    if values["WORLD_SIZE"] is None and rank not in (None, 0):
+        raise sgm.SGMError(f"RANK={rank} is set but not WORLD_SIZE: start the processes with "
+                           "torchrun, or unset RANK")  # fmt: skip
+    if world > 1:
+        missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+        if missing:
+            raise sgm.SGMError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: start the "
+                               "processes with torchrun")  # fmt: skip
+    rank = rank or 0
+    if not 0 <= rank < world:
+        raise sgm.SGMError(f"RANK={rank} in the environment: it must be from 0 to {world - 1}")
+    if local is not None and local < 0:
+        raise sgm.SGMError(f"LOCAL_RANK={local} in the environment: it must be at least 0")
+    return world, rank, local or 0
+
+
+DIST_TIMEOUT = 1800  # seconds: torch's default; SGM_DIST_TIMEOUT sets another
+
+
+def init_processes(backend, world, rank):
+    """Join the other processes, saying what is awaited; a timeout (SGM_DIST_TIMEOUT seconds, also
+    the limit of each collective) is one line."""
+    text = os.environ.get("SGM_DIST_TIMEOUT", str(DIST_TIMEOUT))
+    try:
+        seconds = float(text)
+        cli.check_number("SGM_DIST_TIMEOUT", seconds, 0, 1e7, low_open=True)
+    except ValueError:
+        raise sgm.SGMError(f"SGM_DIST_TIMEOUT={text!r}: give seconds, above 0") from None
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    if rank == 0:
+        console.print(f"process 0 of {world}: waiting for the others at {where} (up to {seconds:g} "
+                      "s; SGM_DIST_TIMEOUT=SECONDS sets the limit)", highlight=False)  # fmt: skip
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
+    except (RuntimeError, ValueError) as e:  # torch's DistStoreError and timeouts
+        raise sgm.SGMError(
+            f"process {rank} of {world} could not join the others at {where} "
+            f"within {seconds:g} s ({cli.first_line(e, 200)})"
+        ) from None
+
+
 def setup_processes(device):
     """(device, world size, rank) for a plain run or a torchrun process; sets the CPU threads."""
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    world, rank, local_rank = distributed_env()
     device = cli.resolve_device(device)
     if world > 1:
         if device == "cuda":
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        init_processes("nccl" if device.startswith("cuda") else "gloo", world, rank)
     if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # =1 lets runs share a machine
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         torch.set_num_threads(max(1, (cores or 1) // world))
