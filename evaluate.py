@@ -469,6 +469,11 @@ def parse_sweep_arm(text):
     """An arm of the sweep: 'SOLVER[:OPTION=VALUE...][@STEPS/...]' -> (solver, options, steps)."""
     arm, at, steps = text.partition("@")
     solver, options = parse_arm(arm)
+    if solver == "ode" and {"rtol", "atol"} & set(options):
+        raise click.ClickException(
+            f"{text}: the sweep's ODE points are its tolerances (rtol = atol = each); give them "
+            "after @, e.g. ode@1e-3/1e-4"
+        )
     if at and not steps:
         raise click.ClickException(f"{text}: no step counts after @")
     try:
@@ -515,6 +520,9 @@ def sweep_command(ckpt_path, n, solvers, max_steps, out, seed, labels, device, d
     ]
     if not arms:
         raise click.ClickException("--solvers names no solver")
+    if all(solver != "ode" and s > max_steps for _, solver, _, steps in arms for s in steps):
+        raise click.ClickException(f"every step count in --solvers is above --max-steps "
+                                   f"{max_steps}: nothing to sweep")  # fmt: skip
     for path in (out + ".md", out + ".png"):
         cli.check_not_input(path, [ckpt_path], flag="--out gives")
         cli.check_writable(path)

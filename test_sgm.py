@@ -1828,6 +1828,18 @@ def test_waiting_for_other_processes_says_so_and_times_out(tmp_path):
     assert r.returncode == 1 and "could not join the others" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_a_sweep_with_nothing_to_do_or_tolerances_twice_is_refused_before_work(tiny_ckpt, tmp_path, monkeypatch):
+    import evaluate
+    monkeypatch.setattr(evaluate, "Scorer", lambda *a: pytest.fail("work started before the arms were checked"))
+    for solvers, message in [("heun@2000", "every step count in --solvers is above --max-steps 1000"),
+                             ("em@5/2000", "above --max-steps 4"), ("ode:rtol=1e-3", "give them after @"),
+                             ("heun,ode:atol=1e-3@1e-2", "give them after @")]:
+        args = ["--max-steps", 4] if "em" in solvers else []
+        r = run_evaluate("sweep", "--ckpt", tiny_ckpt / "tiny.pt", "--solvers", solvers, *args, "--n", 4, "--out", tmp_path / "sweep", "--device", "cpu")
+        assert r.exit_code == 1 and message in r.output and "wrote" not in r.output, (solvers, r.output)
+    assert os.listdir(tmp_path) == []
+
+
 def readme_commands():
     """Every `python SCRIPT.py ...` (and torchrun) line in the README's bash blocks, as (script, args)."""
     import re
