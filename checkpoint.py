@@ -518,14 +518,14 @@ def start_run_folder(out, resume_step=None):
             os.remove(path)
     elif os.path.exists(log_path):
         rows = []
-        with open(log_path) as f:
+        with open(log_path, "rb") as f:  # bytes: a line that is not UTF-8 is dropped, not fatal
             for line in f:
                 try:
                     if json.loads(line)["step"] <= resume_step:
                         rows.append(line)
-                except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+                except (ValueError, KeyError, TypeError):  # a line cut short by a kill, or damaged
                     pass
-        files.save_text("".join(rows), log_path)
+        files.save_text(b"".join(rows).decode(errors="replace"), log_path)
 
 
 def new_checkpoint(cfg, images, labels, device):

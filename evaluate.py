@@ -586,8 +586,10 @@ def run_points(folder, snapshots=True):
     for _, path in points if snapshots else ():
         checkpoint.load(path)
     points = [*sorted(points), (final.extra.get("train_seconds", math.nan) / 60, ckpt_path)]
-    rates = []
-    with contextlib.suppress(OSError), open(os.path.join(folder, "log.jsonl")) as f:
+    rates, log_path = [], os.path.join(folder, "log.jsonl")
+    if os.path.exists(log_path) and not os.path.isfile(log_path):  # a FIFO would block for ever
+        raise click.ClickException(f"{log_path}: not a plain file; move it away")
+    with contextlib.suppress(OSError), open(log_path, "rb") as f:  # bytes: any line may be damaged
         for line in f:
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 rates.append(float(json.loads(line)["img_per_s"]))

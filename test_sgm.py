@@ -3,6 +3,7 @@
     python -m pytest -q            # the fast tests
     python -m pytest -q -m slow    # the slow end-to-end ones
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -1838,6 +1839,45 @@ def test_a_sweep_with_nothing_to_do_or_tolerances_twice_is_refused_before_work(t
         r = run_evaluate("sweep", "--ckpt", tiny_ckpt / "tiny.pt", "--solvers", solvers, *args, "--n", 4, "--out", tmp_path / "sweep", "--device", "cpu")
         assert r.exit_code == 1 and message in r.output and "wrote" not in r.output, (solvers, r.output)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_log_with_bytes_that_are_not_utf8_is_read_past(tiny_run, tmp_path, cheap_grids):
+    import evaluate
+    import train
+    out = copy_run(tiny_run, tmp_path)
+    with open(out / "log.jsonl", "ab") as f:
+        f.write(b'{"step": 3, "loss": 1.0, "img_per_s": 5\xff}\n\xfe\n')
+    assert evaluate.run_points(str(out))[1] == pytest.approx(sorted(row["img_per_s"] for row in read_log(tiny_run))[1])
+    r = invoke(train.main, ["--device", "cpu", "--out", str(out), "--resume", "--steps", "6"])
+    assert r.exit_code == 0, r.output
+    assert [row["step"] for row in read_log(out)] == [2, 4, 6]
+
+
+def test_a_fifo_named_log_jsonl_is_refused_not_waited_on(tiny_run, tmp_path):
+    """Only regular files are opened: a FIFO would block the reader for ever. (A writer opens it after 30 s, should
+    a reader wait on it, so that this test fails instead of hanging.)"""
+    import threading
+
+    import evaluate
+    import train
+    out = copy_run(tiny_run, tmp_path)
+    os.remove(out / "log.jsonl")
+    os.mkfifo(out / "log.jsonl")
+    done = threading.Event()
+
+    def unblock():
+        done.wait(30)
+        with contextlib.suppress(OSError):
+            os.close(os.open(out / "log.jsonl", os.O_WRONLY | os.O_NONBLOCK))
+
+    threading.Thread(target=unblock, daemon=True).start()
+    try:
+        r = invoke(train.main, ["--device", "cpu", "--out", str(out), "--resume", "--steps", "6"])
+        assert r.exit_code == 1 and "log.jsonl, not a plain file" in r.output, r.output
+        with pytest.raises(click.ClickException, match="log.jsonl: not a plain file"):
+            evaluate.run_points(str(out))
+    finally:
+        done.set()
 
 
 def readme_commands():
