@@ -238,6 +238,7 @@ class Group(click.Group):
     one line, whichever command raised them."""
 
     def invoke(self, ctx):
+        WRITTEN.clear()
         try:
             return super().invoke(ctx)
         except sgm.SGMError as e:
@@ -245,8 +246,17 @@ class Group(click.Group):
         except OSError as e:  # a full disk, a read-only folder, ...
             raise click.ClickException(f"{e.filename or 'I/O'}: {e.strerror or e}") from None
         except KeyboardInterrupt:
-            console.print("interrupted; nothing written")
+            kept = f"kept {', '.join(WRITTEN)} as last written" if WRITTEN else "nothing written"
+            console.print(f"interrupted; {kept}", highlight=False)
             sys.exit(130)
+
+
+WRITTEN = []  # the files the running command has written, for the line that Ctrl-C prints
+
+
+def wrote(*paths):
+    """Record files written, in order, once each."""
+    WRITTEN.extend(path for path in paths if path not in WRITTEN)
 
 
 @click.group(
@@ -552,6 +562,7 @@ def sweep_command(ckpt_path, n, solvers, max_steps, out, seed, labels, device, d
                 progress.console.print(f"{arm} {setting:g}: FD {fd:.2f} at {nfe:.0f} NFE")
                 files.save_text(sweep_table(rows, header), out + ".md")  # nothing lost on Ctrl-C
                 plot_sweep(rows, floor, out + ".png", title)
+                wrote(out + ".md", out + ".png")
     console.print(sweep_table(rows, header) + f"wrote {out}.md and {out}.png")
 
 
@@ -657,6 +668,7 @@ def runs_command(folders, n, seeds, out, snapshots, labels, device, data_dir):
                 shown = " / ".join(f"{fd:.2f}" for fd in fds)
                 progress.console.print(f"{folder}, {minutes:.3g} min: FD {shown}")
                 files.save_text(runs_table(rows, header), out + ".md")
+                wrote(out + ".md")
     console.print(runs_table(rows, header) + f"wrote {out}.md")
 
 
@@ -796,6 +808,7 @@ def export_command(ckpt_path, out, overwrite, half, n, seed, device, data_dir):
     exported.is_ema = True  # stored as the EMA weights, alone
     exported.extra = {**exported.extra, "exported_from": ckpt_path, "half": half}
     checkpoint.save(out, exported, half=half)  # checkpoint.load casts fp16 back to fp32
+    wrote(out)
     console.print(
         f"wrote {out}: {os.path.getsize(out) / 1e6:.2f} MB, {kind} of {ckpt_path} at step "
         f"{exported.step}{' in fp16' if half else ''}"

@@ -1880,6 +1880,42 @@ def test_a_fifo_named_log_jsonl_is_refused_not_waited_on(tiny_run, tmp_path):
         done.set()
 
 
+def test_ctrl_c_in_evaluate_names_the_files_it_kept(tiny_ckpt, tiny_run, tmp_path, monkeypatch):
+    import evaluate
+
+    class Scorer:
+        def __init__(self, *args):
+            pass
+
+        def fd(self, images, label=None):
+            return 1.0, torch.zeros(10)
+
+        def floor(self, *args, **kwargs):
+            return 1.0
+
+    calls = []
+
+    def generate(ckpt, solver, steps, n, *args, **kwargs):  # the second batch of samples is interrupted
+        calls.append(solver)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return torch.zeros(n, 1, 28, 28, dtype=torch.uint8), 2.0, 0.1
+
+    monkeypatch.setattr(evaluate, "Scorer", Scorer)
+    monkeypatch.setattr(evaluate, "generate", generate)
+    for args, kept in [(["sweep", "--ckpt", tiny_ckpt / "tiny.pt", "--solvers", "heun@2/3", "--out", tmp_path / "sweep"], [tmp_path / "sweep.md", tmp_path / "sweep.png"]),
+                       (["export", tiny_ckpt / "tiny.pt", "--out", tmp_path / "ship.pt"], [tmp_path / "ship.pt"]),
+                       (["runs", tiny_run, "--seeds", "0,1", "--out", tmp_path / "runs2"], [])]:
+        calls.clear()
+        r = invoke(evaluate.main, [*map(str, args), "--n", "4", "--device", "cpu"], expect_interrupt=True)
+        line = "interrupted; " + (f"kept {', '.join(map(str, kept))} as last written" if kept else "nothing written")
+        assert r.exit_code == 130 and line in r.output and all(path.exists() for path in kept), (args, r.output)
+    calls.clear()
+    r = invoke(evaluate.main, ["runs", str(tiny_run), str(tiny_run), "--out", str(tmp_path / "runs3"), "--n", "4", "--device", "cpu"],
+               expect_interrupt=True)  # the first run's row was written
+    assert r.exit_code == 130 and f"kept {tmp_path / 'runs3.md'} as last written" in r.output, r.output
+
+
 def readme_commands():
     """Every `python SCRIPT.py ...` (and torchrun) line in the README's bash blocks, as (script, args)."""
     import re
