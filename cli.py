@@ -140,6 +140,14 @@ OPTION_RANGES = {"snr": (0, 100, True), "corrector_steps": (0, 1000), "rtol": (1
 OPTION_CHOICES = {"predictor": tuple(sgm.PREDICTORS), "corrector": tuple(sgm.CORRECTORS)}
 
 
+# Bounds of the numbers the scripts take: torch's seeds, and counts that stay within a machine's
+# memory and time (beyond them, allocation fails or the work never ends)
+SEED = click.IntRange(-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+MAX_IMAGES = 10**6  # --n of a command that holds its samples in memory: 3 GB for 28x28
+MAX_STEPS = 10**5  # --steps of a sampler: far past any solver's useful steps
+MAX_BATCH = 2**16  # --batch-size of sampling and evaluate.py speed
+
+
 class Number(click.ParamType):
     """A finite number in [low, high] (low excluded with low_open): click's FloatRange lets NaN
     through, this refuses it, and inf, with one line."""

@@ -326,10 +326,12 @@ def parse_arm(text):
     default="heun",
     help="A solver, with options if any: 'edm:s_churn=5:s_tmin=0.05', 'pc:snr=0.1:corrector=ald'.",
 )
-@click.option("--steps", type=click.IntRange(1), default=None, help="[the solver's default]")
-@click.option("--n", type=click.IntRange(2), default=2000)
+@click.option(
+    "--steps", type=click.IntRange(1, cli.MAX_STEPS), default=None, help="[the solver's default]"
+)
+@click.option("--n", type=click.IntRange(2, cli.MAX_IMAGES), default=2000)
 @tolerance_options
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=cli.SEED, default=0)
 @labels_option
 @device_option
 @data_option
@@ -366,10 +368,10 @@ def fd_command(ckpt_path, arm, steps, n, rtol, atol, seed, labels, device, data_
 
 @main.command("bpd")
 @ckpt_option
-@click.option("--n", type=click.IntRange(1), default=None, help="Test images [all 10000].")
-@click.option("--batch-size", type=click.IntRange(1), default=250)
+@click.option("--n", type=click.IntRange(1, 10000), default=None, help="Test images [all 10000].")
+@click.option("--batch-size", type=click.IntRange(1, cli.MAX_BATCH), default=250)
 @tolerance_options
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=cli.SEED, default=0)
 @device_option
 @data_option
 def bpd_command(ckpt_path, n, batch_size, rtol, atol, seed, device, data_dir):
@@ -507,17 +509,22 @@ def sweep_table(rows, header):
 
 @main.command("sweep")
 @ckpt_option
-@click.option("--n", type=click.IntRange(2), default=1000, help="Samples per point.")
+@click.option(
+    "--n", type=click.IntRange(2, cli.MAX_IMAGES), default=1000, help="Samples per point."
+)
 @click.option(
     "--solvers",
     default=SWEEP_ARMS,
     help="Comma-separated arms SOLVER[:OPTION=VALUE...][@STEPS/...], e.g. 'edm:s_churn=5@10/18'.",
 )
 @click.option(
-    "--max-steps", type=click.IntRange(1), default=1000, help="Skip step counts above this."
+    "--max-steps",
+    type=click.IntRange(1, cli.MAX_STEPS),
+    default=1000,
+    help="Skip step counts above this.",
 )
 @click.option("--out", default="sweep", help="Writes OUT.md and OUT.png, after every point.")
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=cli.SEED, default=0)
 @labels_option
 @device_option
 @data_option
@@ -623,7 +630,7 @@ def runs_table(rows, header):
 
 @main.command("runs")
 @click.argument("folders", nargs=-1, required=True, type=click.Path(file_okay=False))
-@click.option("--n", type=click.IntRange(2), default=1000, help="Samples per FD.")
+@click.option("--n", type=click.IntRange(2, cli.MAX_IMAGES), default=1000, help="Samples per FD.")
 @click.option("--seeds", default="0", help="Comma-separated sampling seeds, e.g. 0,1.")
 @click.option("--out", default="runs", help="Writes OUT.md, after every FD.")
 @click.option(
@@ -638,6 +645,8 @@ def runs_command(folders, n, seeds, out, snapshots, labels, device, data_dir):
     recipe, training throughput and images seen. With several seeds, an FD per seed."""
     device = cli.resolve_device(device)
     seeds = cli.parse_list(seeds, "--seeds", int, "whole numbers")
+    for seed in seeds:
+        cli.check_int("a --seeds value", seed, cli.SEED.min, cli.SEED.max)
     cli.check_writable(out + ".md")
     runs = [(folder, *run_points(folder, snapshots)) for folder in folders]  # all checked first
     inputs = [path for _, points, _ in runs for _, path in points]
@@ -698,13 +707,13 @@ def heun_versus_stochastic(rows, ckpt_paths, nfe):
 @click.option("--solvers", default="heun,ode,em,pc", help="Comma-separated.")
 @click.option(
     "--nfe",
-    type=click.IntRange(2),
+    type=click.IntRange(2, cli.MAX_STEPS),
     default=1000,
     help="Evaluations per sample for the stochastic solvers.",
 )
-@click.option("--n", type=click.IntRange(2), default=1000, help="Samples per cell.")
+@click.option("--n", type=click.IntRange(2, cli.MAX_IMAGES), default=1000, help="Samples per cell.")
 @click.option("--out", default=None, help="Also write the tables to this markdown file.")
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=cli.SEED, default=0)
 @labels_option
 @device_option
 @data_option
@@ -786,11 +795,11 @@ def compare_command(ckpt_paths, solvers, nfe, n, out, seed, labels, device, data
 )
 @click.option(
     "--n",
-    type=click.IntRange(0),
+    type=click.IntRange(0, cli.MAX_IMAGES),
     default=1000,
     help="Samples for the FD check before and after (at least 2); 0 skips it.",
 )
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=cli.SEED, default=0)
 @device_option
 @data_option
 def export_command(ckpt_path, out, overwrite, half, n, seed, device, data_dir):
@@ -874,11 +883,15 @@ class TutorialScoreNet(nn.Module):
 @main.command("guidance")
 @ckpt_option
 @click.option("--weights", default="0,1,3", help="Guidance weights w, comma-separated.")
-@click.option("--n", type=click.IntRange(2), default=200, help="Samples per class and weight.")
+@click.option(
+    "--n", type=click.IntRange(2, cli.MAX_IMAGES), default=200, help="Samples per class and weight."
+)
 @click.option("--solver", type=click.Choice(list(sgm.SOLVERS)), default="heun")
-@click.option("--steps", type=click.IntRange(1), default=None, help="[the solver's default]")
+@click.option(
+    "--steps", type=click.IntRange(1, cli.MAX_STEPS), default=None, help="[the solver's default]"
+)
 @click.option("--out", default=None, help="Also write the table to this markdown file.")
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=cli.SEED, default=0)
 @device_option
 @data_option
 def guidance_command(ckpt_path, weights, n, solver, steps, out, seed, device, data_dir):
@@ -950,9 +963,12 @@ def parse_weights(text):
 
 
 @main.command("speed")
-@click.option("--batch-size", type=click.IntRange(1), default=128)
+@click.option("--batch-size", type=click.IntRange(1, cli.MAX_BATCH), default=128)
 @click.option(
-    "--channels", type=click.IntRange(4), default=None, help="Model width [the default model's]."
+    "--channels",
+    type=click.IntRange(4, 1024),
+    default=None,
+    help="Model width [the default model's].",
 )
 @click.option(
     "--model",
@@ -1023,7 +1039,7 @@ def speed_command(batch_size, channels, model, iters, device):
 @click.option("--epochs", type=click.IntRange(1), default=5)
 @click.option("--out", default=CLASSIFIER, show_default=True, help="The hash-checked FD features.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (else refused).")
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=cli.SEED, default=0)
 @device_option
 @data_option
 def train_classifier_command(epochs, out, overwrite, seed, device, data_dir):

@@ -131,14 +131,20 @@ def interpolate(score_fn, sde, x_a, x_b, n=8, **kwargs):
               "[checkpoints/fmnist.pt, else the newest runs/*/ckpt.pt].")  # fmt: skip
 @click.option("--solver", type=click.Choice(list(sgm.SOLVERS)), help="See the README's solver "
               "table [dpmpp_2m_sde; pc with --inpaint, ode with --interpolate].")  # fmt: skip
-@click.option("--n", type=click.IntRange(1), help=f"Images [{per_solver(N_DEFAULT)}].")
-@click.option("--steps", type=click.IntRange(1), help=f"Time steps [{per_solver(STEPS)}].")
+@click.option(
+    "--n", type=click.IntRange(1, cli.MAX_IMAGES), help=f"Images [{per_solver(N_DEFAULT)}]."
+)
+@click.option(
+    "--steps", type=click.IntRange(1, cli.MAX_STEPS), help=f"Time steps [{per_solver(STEPS)}]."
+)
 @solver_flags
 @click.option("--eps", type=cli.Number(0, 0.5, low_open=True), default=1e-3, help="Final time.")
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=cli.SEED, default=0)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--ema/--no-ema", default=True, help="Sample with the EMA weights.")
-@click.option("--batch-size", type=click.IntRange(1), default=256, help="Images per chunk.")
+@click.option(
+    "--batch-size", type=click.IntRange(1, cli.MAX_BATCH), default=256, help="Images per chunk."
+)
 @click.option("--out", type=click.Path(dir_okay=False), default="samples.png",
               help=".png grid, .npz uint8 array or .gif animation.")  # fmt: skip
 @click.option("--label", help="Class index or name (sneaker, ankle-boot, ...), 'all' (a row per "

@@ -1916,6 +1916,30 @@ def test_ctrl_c_in_evaluate_names_the_files_it_kept(tiny_ckpt, tiny_run, tmp_pat
     assert r.exit_code == 130 and f"kept {tmp_path / 'runs3.md'} as last written" in r.output, r.output
 
 
+def test_numbers_beyond_the_machine_are_refused_by_their_options(tiny_ckpt, tiny_run, tmp_path, monkeypatch):
+    """Seeds beyond torch's 64 bits, and counts of images, steps and batch sizes that no machine holds, get click's
+    one-line range error (exit 2) before any work."""
+    import evaluate
+    import sample
+    monkeypatch.setattr(sgm, "sample", lambda *a, **k: pytest.fail("sampled before the numbers were checked"))
+    monkeypatch.setattr(evaluate, "Scorer", lambda *a: pytest.fail("work started before the numbers were checked"))
+    big = str(10**23)
+    ckpt = ["--ckpt", str(tiny_ckpt / "tiny.pt"), "--device", "cpu"]
+    for command, args in [(sample.main, ["--seed", big]), (sample.main, ["--n", str(10**13)]), (sample.main, ["--steps", str(10**15)]),
+                          (sample.main, ["--batch-size", str(10**11)]), (evaluate.main, ["fd", "--seed", big]),
+                          (evaluate.main, ["fd", "--steps", str(10**15)]), (evaluate.main, ["fd", "--n", str(10**13)]),
+                          (evaluate.main, ["guidance", "--seed", str(-(2**63) - 1)]), (evaluate.main, ["bpd", "--batch-size", str(10**11)])]:
+        r = invoke(command, [*args, *ckpt, *(["--out", str(tmp_path / "o.png")] if command is sample.main else [])])
+        assert r.exit_code == 2 and "is not in the range" in r.output, (args, r.output)
+    for args in (["speed", "--batch-size", str(10**11)], ["speed", "--channels", str(10**6)], ["compare", str(tiny_ckpt / "tiny.pt"), "--nfe", str(10**15)],
+                 ["export", str(tiny_ckpt / "tiny.pt"), "--out", str(tmp_path / "e.pt"), "--n", str(10**13)]):
+        r = invoke(evaluate.main, args)
+        assert r.exit_code == 2 and "is not in the range" in r.output, (args, r.output)
+    r = invoke(evaluate.main, ["runs", str(tiny_run), "--seeds", f"0,{big}", "--out", str(tmp_path / "t")])
+    assert r.exit_code == 1 and "--seeds value must be a whole number" in r.output, r.output
+    assert os.listdir(tmp_path) == []
+
+
 def readme_commands():
     """Every `python SCRIPT.py ...` (and torchrun) line in the README's bash blocks, as (script, args)."""
     import re
