@@ -9,6 +9,7 @@ import glob
 import inspect
 import math
 import os
+import sys
 import tempfile
 
 import click
@@ -31,6 +32,27 @@ class Command(click.Command):
             raise click.ClickException(str(e)) from None
         except OSError as e:
             raise click.ClickException(f"{e.filename or 'I/O'}: {e.strerror or e}") from None
+
+
+class ConsoleStream:
+    """sys.stderr (looked up at each write, so that a redirect in tests is seen) for the scripts'
+    consoles: a closed pipe (`2>&1 | head -1`) or another write error drops the text, never the
+    work; console output must not cost the result."""
+
+    def write(self, text):
+        try:
+            return sys.stderr.write(text)
+        except (OSError, ValueError):  # a broken pipe, a closed stream
+            return len(text)
+
+    def flush(self):
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...
+        return getattr(sys.stderr, name)
 
 
 def first_line(error, limit=100):

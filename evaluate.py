@@ -43,7 +43,7 @@ import data
 import files
 import sgm
 
-console = Console(stderr=True, soft_wrap=True)
+console = Console(file=cli.ConsoleStream(), soft_wrap=True)  # a closed pipe costs no result
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLASSIFIER = os.path.join(HERE, "checkpoints", "classifier.pt")
 HEUN_STEPS = sgm.SOLVERS["heun"].steps  # 35 NFE: every training-run FD, and train.py's grids

@@ -28,7 +28,7 @@ import data
 import files
 import sgm
 
-console = Console(stderr=True, soft_wrap=True)
+console = Console(file=cli.ConsoleStream(), soft_wrap=True)  # a closed pipe costs no result
 MASKS = ("left", "right", "top", "bottom", "center", "random")
 N_DEFAULT = {"sample": 64, "inpaint": 8, "interpolate": 10}
 STEPS = {name: "adaptive" if name == "ode" else s.steps for name, s in sgm.SOLVERS.items()}

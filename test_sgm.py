@@ -1940,6 +1940,17 @@ def test_numbers_beyond_the_machine_are_refused_by_their_options(tiny_ckpt, tiny
     assert os.listdir(tmp_path) == []
 
 
+def test_a_closed_console_pipe_costs_no_result(tiny_ckpt, tmp_path):
+    """`python sample.py ... 2>&1 | head -1`: the console's pipe closes after a line; the samples are written all
+    the same and the exit code is 0."""
+    out = tmp_path / "s.png"
+    proc = subprocess.Popen([sys.executable, "sample.py", "--ckpt", str(tiny_ckpt / "tiny.pt"), "--device", "cpu", "--n", "4",
+                             "--solver", "heun", "--steps", "2", "--out", str(out)], cwd=HERE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc.stderr.close()  # as `head` does once it has its line
+    assert proc.wait(timeout=300) == 0 and out.exists()
+
+
 def readme_commands():
     """Every `python SCRIPT.py ...` (and torchrun) line in the README's bash blocks, as (script, args)."""
     import re

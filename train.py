@@ -35,7 +35,7 @@ import data
 import files
 import sgm
 
-console = Console(stderr=True, soft_wrap=True)
+console = Console(file=cli.ConsoleStream(), soft_wrap=True)  # a closed pipe costs no result
 RESUMABLE = ("steps", "log_every", "sample_every", "ckpt_every")  # may change on --resume
 GRID_STEPS = sgm.SOLVERS["heun"].steps  # the sample grids: Heun, 35 NFE
 
