@@ -724,8 +724,26 @@ def test_train_resume_restores_the_config_and_refuses_contradictions(tmp_path, c
     assert resumed.step == 4 and resumed.train_config == dataclasses.replace(stored, steps=4, log_every=2)
 
 
-def test_train_time_limit_and_snapshots_feed_the_runs_table(tmp_path, few_test_images, cheap_grids):
+def fake_clock(monkeypatch, seconds_per_step):
+    """train.py's clock advanced by the steps alone: seconds_per_step(step) for each (step from 0), whatever the
+    machine's speed. Returns the list of the clock's readings at each step's end."""
+    import types
+
     import train
+    clock, real_step = [time.time()], train.train_step
+
+    def timed_step(run, step):
+        loss = real_step(run, step)
+        clock[0] += seconds_per_step(step)
+        return loss
+
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(train, "train_step", timed_step)
+
+
+def test_train_time_limit_and_snapshots_feed_the_runs_table(tmp_path, few_test_images, cheap_grids, monkeypatch):
+    import train
+    fake_clock(monkeypatch, lambda step: 0.25)  # 3.6 s of --time-limit: 15 steps, on any machine
     out = tmp_path / "run"
     r = invoke(train.main, [*TRAIN_TINY, "--time-limit", "0.06", "--steps", "100000", "--snapshot-minutes", "0.04,0.02",
                             "--lr-schedule", "cosine", "--ema-ramp", "0.1", "--noise-sampling", "lognormal",
@@ -736,17 +754,17 @@ def test_train_time_limit_and_snapshots_feed_the_runs_table(tmp_path, few_test_i
     assert f"python sample.py --ckpt {out}" in r.output  # how to sample the run
     ck = checkpoint.load(str(out / "ckpt.pt"), use_ema=False)
     cfg = ck.train_config
-    # Stopped by the time limit (3.6 s of training; a loaded machine may cut it a little short); the config keeps
-    # the planned steps, so --resume could continue the cosine.
-    seconds = ck.extra["train_seconds"]  # past the budget by at most the last step (a loaded machine: a long one)
-    assert cfg.steps == 100000 and 0 < ck.step < 100000 and 3.6 < seconds < 3.6 + 3 * seconds / ck.step + 0.5
+    # Stopped by the time limit (3.6 s of training) after the step that passed it; the config keeps the planned
+    # steps, so --resume could continue the cosine.
+    assert cfg.steps == 100000 and ck.step == 15 and ck.extra["train_seconds"] == 3.75
+    assert [row["step"] for row in read_log(out)] == [5, 10, 15]
     assert (cfg.lr_schedule, cfg.ema_ramp, cfg.noise_sampling, cfg.conditional, cfg.amp) == ("cosine", 0.1, "lognormal", False, False)
     assert ck.model_config.num_classes == 0
     row = read_log(out)[-1]  # the cosine over the planned steps
     assert row["lr"] == pytest.approx(train.learning_rate(cfg, row["step"] - 1))
-    for minutes in ("0.02", "0.04"):
+    for minutes, step in (("0.02", 5), ("0.04", 10)):  # the first steps past 1.2 s and 2.4 s
         snap = checkpoint.load(str(out / f"snapshot_{minutes}min.pt"))
-        assert snap.is_ema and snap.resume is None and 0 < snap.step < ck.step
+        assert snap.is_ema and snap.resume is None and snap.step == step
     r = invoke(train.main, [*TRAIN_TINY, "--steps", "2", "--out", str(out)])  # the snapshots are part of the run
     assert r.exit_code == 1 and "--overwrite" in r.output and (out / "snapshot_0.02min.pt").exists()
     r = run_evaluate("runs", out, "--n", 4, "--seeds", "0,1", "--out", tmp_path / "table", "--device", "cpu")
