@@ -1969,6 +1969,33 @@ def test_a_closed_console_pipe_costs_no_result(tiny_ckpt, tmp_path):
     assert proc.wait(timeout=300) == 0 and out.exists()
 
 
+def test_time_left_follows_the_speed_shown(tmp_path, monkeypatch, cheap_grids):
+    """The time left is the steps left at the pace of the last log interval, as its img/s: a slowdown shows in both."""
+    import train
+    fake_clock(monkeypatch, lambda step: 0.01 if step < 5 else 6.0)
+    r = invoke(train.main, [*TRAIN_TINY, "--steps", "20", "--log-every", "5", "--sample-every", "1000", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    assert "step 10/20 loss" in r.output and "3 img/s, 1.0 min left" in r.output, r.output  # 10 steps of 6 s; 80 images in 30 s
+
+
+def test_the_default_preset_on_a_cpu_says_what_it_costs_before_it_starts():
+    import io
+    import types
+
+    from rich.console import Console
+
+    import train
+    log = Console(file=io.StringIO(), width=300)
+    for preset, device, noted in (("default", "cpu", True), ("quick", "cpu", False), ("default", "cuda", False)):
+        cfg = checkpoint.TrainConfig(**{**checkpoint.PRESETS[preset], "preset": preset, "amp": False})
+        ckpt = types.SimpleNamespace(net=torch.nn.Linear(1000, 6190 if preset == "default" else 170), sde=sgm.SubVPSDE(), step=0)
+        run = types.SimpleNamespace(ckpt=ckpt, cfg=cfg, device=device, world=1, images=range(60000), out="runs/x")
+        log.file.seek(0), log.file.truncate()
+        train.announce(run, log)
+        text = log.file.getvalue()
+        assert ("meant for a GPU" in text and "days" in text and "--preset quick" in text) == noted, (preset, device, text)
+
+
 def readme_commands():
     """Every `python SCRIPT.py ...` (and torchrun) line in the README's bash blocks, as (script, args)."""
     import re
