@@ -217,6 +217,15 @@ def check_solver_options(options, flags=False):
         raise sgm.SGMError("no predictor and no corrector steps: nothing to sample with")
 
 
+def check_solver_runs(sde, solver, options):
+    """Refuse, before any work, a solver `sde` cannot run (ancestral on sub-VP): two steps on a
+    1-pixel image with the score of N(0, I), which calls no network. The probability-flow ODE
+    exists for every SDE."""
+    if solver != "ode":
+        generator = torch.Generator().manual_seed(0)
+        sgm.sample(lambda x, t: -x, sde, (1, 1, 1, 1), solver, 2, generator=generator, **options)
+
+
 def find_checkpoint(path=None):
     """--ckpt: a checkpoint file, a train.py run folder (its ckpt.pt) or, when not given, the
     default checkpoint."""

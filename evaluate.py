@@ -192,10 +192,7 @@ def check_arm(ckpt, solver, options):
     """Refuse, before any work, a solver the checkpoint's SDE cannot run (ancestral on sub-VP):
     two steps on a 1-pixel image with the score of N(0, I), which calls no network. The
     probability-flow ODE exists for every SDE."""
-    if solver != "ode":
-        generator = torch.Generator().manual_seed(0)
-        sgm.sample(lambda x, t: -x, ckpt.sde, (1, 1, 1, 1), solver, 2, generator=generator,
-                   **options)  # fmt: skip
+    cli.check_solver_runs(ckpt.sde, solver, options)
 
 
 @functools.lru_cache(maxsize=2)

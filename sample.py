@@ -179,11 +179,14 @@ def main(ckpt_path, solver, n, steps, eps, seed, device, ema, batch_size, out, l
     cli.check_writable(out)
     for flag in ["--" + name.replace("_", "-") for name in given if name not in options]:
         console.print(f"note: {solver} does not use {flag}; ignored", highlight=False)
+    if solver == "ode" and steps is not None:
+        console.print("note: ode does not use --steps (it is adaptive: --rtol, --atol); ignored")
 
     # Load: the checkpoint, the labels and, to inpaint or interpolate, test images
     ckpt_path, device = cli.find_checkpoint(ckpt_path), cli.resolve_device(device)
     cli.check_not_input(out, [ckpt_path])
     ckpt = checkpoint.load(ckpt_path, device, use_ema=ema)
+    cli.check_solver_runs(ckpt.sde, solver, options)  # ancestral on sub-VP: refused before work
     n, steps = n or N_DEFAULT[mode], steps or sgm.SOLVERS[solver].steps
     labels, labels_used = make_labels(label, ckpt, n, mode, seed)
     if labels is None and guidance:

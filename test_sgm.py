@@ -1996,6 +1996,16 @@ def test_the_default_preset_on_a_cpu_says_what_it_costs_before_it_starts():
         assert ("meant for a GPU" in text and "days" in text and "--preset quick" in text) == noted, (preset, device, text)
 
 
+def test_sample_notes_an_unused_steps_and_refuses_a_solver_the_sde_lacks_before_work(tiny_ckpt, tmp_path, monkeypatch):
+    import sample
+    r = run_sample("--ckpt", tiny_ckpt / "tiny.pt", "--solver", "ode", "--steps", 10, "--rtol", 1e-2, "--atol", 1e-2, "--n", 2,
+                   "--out", tmp_path / "o.png")
+    assert r.exit_code == 0 and "note: ode does not use --steps" in r.output, r.output
+    monkeypatch.setattr(sample, "Progress", lambda *a, **k: pytest.fail("sampling started before the solver was checked"))
+    r = run_sample("--ckpt", tiny_ckpt / "subvp.pt", "--solver", "ancestral", "--out", tmp_path / "a.png")
+    assert r.exit_code == 1 and "not defined for SubVPSDE" in r.output and isinstance(r.exception, SystemExit), r.output
+
+
 def readme_commands():
     """Every `python SCRIPT.py ...` (and torchrun) line in the README's bash blocks, as (script, args)."""
     import re
