@@ -884,7 +884,7 @@ def test_train_resume_after_sigint_sigterm_and_sigkill_is_exact(tmp_path, monkey
 
         monkeypatch.setattr(train, "train_step", step_then_signal)
         r = invoke(train.main, [*common, "--out", str(out)], expect_interrupt=True)
-        assert r.exit_code == 128 + sig and "Continue with --resume" in r.output, r.output
+        assert r.exit_code == 128 + sig and "Continue with: python train.py --resume --out" in r.output, r.output
         assert checkpoint.load(str(out / "ckpt.pt")).step == 5
         monkeypatch.setattr(train, "train_step", real_step)
         assert invoke(train.main, ["--device", "cpu", "--out", str(out), "--resume"]).exit_code == 0
@@ -2004,6 +2004,24 @@ def test_sample_notes_an_unused_steps_and_refuses_a_solver_the_sde_lacks_before_
     monkeypatch.setattr(sample, "Progress", lambda *a, **k: pytest.fail("sampling started before the solver was checked"))
     r = run_sample("--ckpt", tiny_ckpt / "subvp.pt", "--solver", "ancestral", "--out", tmp_path / "a.png")
     assert r.exit_code == 1 and "not defined for SubVPSDE" in r.output and isinstance(r.exception, SystemExit), r.output
+
+
+def test_a_stopped_run_gives_the_whole_commands_quoted(tmp_path, monkeypatch, cheap_grids):
+    import shlex
+    import signal
+
+    import train
+    real_step, out = train.train_step, str(tmp_path / "my run")
+
+    def step_then_signal(run, step):
+        os.kill(os.getpid(), signal.SIGINT)  # the first step ends, is saved, and the run stops
+        return real_step(run, step)
+
+    monkeypatch.setattr(train, "train_step", step_then_signal)
+    r = invoke(train.main, [*TRAIN_TINY, "--steps", "3", "--sample-every", "1000", "--out", out], expect_interrupt=True)
+    assert r.exit_code == 130, r.output
+    assert f"Continue with: python train.py --resume --out {shlex.quote(out)}\n" in r.output, r.output
+    assert f"Sample it: python sample.py --ckpt {shlex.quote(out)} --no-ema" in r.output and "'" in shlex.quote(out)
 
 
 def readme_commands():

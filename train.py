@@ -18,6 +18,7 @@ import datetime
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -380,7 +381,8 @@ def finish(run, log, step, start, loss, rates, seconds):
     """The last lines: what was done, how to go on, and how to sample the run."""
     if run.stop:
         log.print(f"[yellow]stopped by {signal.Signals(run.stop).name} at step {step}; checkpoint "
-                  f"saved in {run.out}. Continue with --resume --out {run.out}")  # fmt: skip
+                  f"saved in {run.out}. Continue with: python train.py --resume --out "
+                  f"{shlex.quote(run.out)}", highlight=False)  # fmt: skip
     else:
         rate = sorted(rates)[len(rates) // 2] if rates else float("nan")
         images = (step - start) * run.cfg.batch_size * run.world
@@ -389,7 +391,7 @@ def finish(run, log, step, start, loss, rates, seconds):
                   f"{seconds:.0f} s, {speed}")  # fmt: skip
     young = step < 3 / (1 - run.cfg.ema_decay)  # the EMA still holds much of the initial network
     hint = " --no-ema  # the EMA weights still remember the untrained network" if young else ""
-    log.print(f"Sample it: python sample.py --ckpt {run.out}{hint}", highlight=False)
+    log.print(f"Sample it: python sample.py --ckpt {shlex.quote(run.out)}{hint}", highlight=False)
     if run.stop:
         sys.exit(128 + run.stop)  # 130 for Ctrl-C, 143 for SIGTERM
 
