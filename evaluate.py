@@ -778,6 +778,7 @@ def compare_command(ckpt_paths, solvers, nfe, n, out, seed, labels, device, data
     summary = heun_versus_stochastic(rows, ckpt_paths, nfe)
     if out:
         files.save_text(header + table + summary, out)
+        wrote(out)
     console.print(header + table + summary)
 
 
@@ -948,6 +949,7 @@ def guidance_command(ckpt_path, weights, n, solver, steps, out, seed, device, da
     header += f"{machine()}, {device}.\n\n"
     if out:
         files.save_text(header + table, out)
+        wrote(out)
     console.print(header + table)
 
 
