@@ -317,6 +317,7 @@ def from_state(state, device, use_ema):
     sde = make_sde(state["sde"])
     if tuple(state["data_range"]) != sde.data_range:
         raise ValueError(f"data_range {state['data_range']!r} is not the SDE's {sde.data_range}")
+    check_network(model_config, (state["ema"], state["model"]))  # before it takes any memory
     net = sgm.UNet(model_config).to(device)
     is_ema = state["ema"] is not None and (use_ema or state["model"] is None)
     chosen, other = (state["ema"], state["model"]) if is_ema else (state["model"], state["ema"])
@@ -341,7 +342,8 @@ def from_state(state, device, use_ema):
         try:
             check_optimizer(resume["optimizer"], net)
             check_log(resume["log"])
-        except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
+            check_rng(resume["rng"])
+        except (KeyError, TypeError, AttributeError, ValueError, IndexError, RuntimeError) as e:
             raise ResumeStateError(cli.first_line(e)) from None
     return Checkpoint(
         net=net.eval().requires_grad_(False),
@@ -375,6 +377,32 @@ def make_model_config(stored):
     if type(config.attention) is not bool:
         raise ValueError(f"attention {config.attention!r}")
     return config
+
+
+MAX_PARAMETERS = 5 * 10**8  # 2 GB in fp32; the default preset's network has 6.19 M
+
+
+def check_network(config, stored=()):
+    """The network `config` asks for, planned on the meta device (no memory, no random numbers):
+    at most MAX_PARAMETERS parameters, and the names and shapes of each of the `stored` weights
+    (None: absent) those of its state dict."""
+    with torch.device("meta"):
+        plan = sgm.UNet(config)
+    count = sum(p.numel() for p in plan.parameters())
+    if count > MAX_PARAMETERS:
+        raise ValueError(f"the network would have {count / 1e6:.0f} M parameters, above the "
+                         f"{MAX_PARAMETERS / 1e6:.0f} M this project allows")  # fmt: skip
+    shapes = {name: tuple(value.shape) for name, value in plan.state_dict().items()}
+    for weights in stored:
+        if weights is None:
+            continue
+        if set(weights) != set(shapes):
+            names = sorted(set(weights) ^ set(shapes))
+            raise ValueError(f"the weights' names differ from the network's ({names[0]}, ...)")
+        for name, shape in shapes.items():
+            if tuple(weights[name].shape) != shape:
+                raise ValueError(f"the weight {name} has shape {tuple(weights[name].shape)}, "
+                                 f"not the network's {shape}")  # fmt: skip
 
 
 def make_sde(stored):
@@ -412,7 +440,8 @@ def check_extra(extra, num_classes):
 
 def check_optimizer(optimizer, net):
     """Adam's state for `net`: its parameters in order, each with a step and two moments of its
-    shape (torch checks neither before the first step)."""
+    shape (torch checks neither before the first step), all finite, the step and the second
+    moment not negative."""
     params = list(net.parameters())
     if [i for group in optimizer["param_groups"] for i in group["params"]] != [*range(len(params))]:
         raise ValueError("the optimizer state is for another network")
@@ -427,6 +456,28 @@ def check_optimizer(optimizer, net):
                     f"the optimizer's {name} of parameter {i} has shape "
                     f"{tuple(moments[name].shape)}, not {tuple(params[i].shape)}"
                 )
+        values = {name: moments[name].double() for name in ("step", "exp_avg", "exp_avg_sq")}
+        for name, value in values.items():
+            if not torch.isfinite(value).all() or name != "exp_avg" and (value < 0).any():
+                raise ValueError(f"the optimizer's {name} of parameter {i} is not finite and "
+                                 f"non-negative (it holds {float(value.min()):.3g})")  # fmt: skip
+
+
+def check_rng(rng):
+    """The RNG states train.py stores: a CPU generator state, and a CUDA one where it ran on a GPU
+    (seed and offset, 16 bytes)."""
+    if rng is None:
+        return
+    if not isinstance(rng, dict) or set(rng) - {"cpu", "cuda"} or "cpu" not in rng:
+        raise ValueError("the RNG state is not {'cpu': ..., 'cuda': ...}")
+    for name, state in rng.items():
+        if state is None and name == "cuda":
+            continue
+        if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.dim() != 1:
+            raise ValueError(f"the {name} RNG state is not a byte tensor")
+    torch.Generator().set_state(rng["cpu"].cpu())  # RuntimeError for a state of the wrong size
+    if rng.get("cuda") is not None and rng["cuda"].numel() != 16:
+        raise ValueError(f"the cuda RNG state has {rng['cuda'].numel()} bytes, not 16")
 
 
 def check_log(log):
@@ -459,6 +510,12 @@ def check_run_folder(out, resume, overwrite):
         raise sgm.SGMError(f"--out {out} is a file, not a folder")
     cli.check_writable(os.path.join(out, "ckpt.pt"))
     found = run_files(out)
+    odd = [os.path.basename(path) for path in found if not os.path.isfile(path)]
+    if odd:  # a folder, a FIFO, a dangling link: neither removed, read nor written
+        raise sgm.SGMError(
+            f"{out} holds {', '.join(odd)}, not a plain file but with a run file's name: nothing "
+            "there is touched; move it or give another --out"
+        )
     if resume or not found:
         return
     steps, foreign = {}, []
@@ -491,14 +548,14 @@ def start_run_folder(out, resume_step=None):
             os.remove(path)
     elif os.path.exists(log_path):
         rows = []
-        with open(log_path) as f:
+        with open(log_path, "rb") as f:  # bytes: a line that is not UTF-8 is dropped, not fatal
             for line in f:
                 try:
                     if json.loads(line)["step"] <= resume_step:
                         rows.append(line)
-                except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+                except (ValueError, KeyError, TypeError):  # a line cut short by a kill, or damaged
                     pass
-        files.save_text("".join(rows), log_path)
+        files.save_text(b"".join(rows).decode(errors="replace"), log_path)
 
 
 def new_checkpoint(cfg, images, labels, classes, device):
@@ -511,6 +568,10 @@ def new_checkpoint(cfg, images, labels, classes, device):
                                    num_res_blocks=cfg.num_res_blocks, dropout=cfg.dropout,
                                    num_classes=num_classes)  # fmt: skip
     sde = cfg.make_sde()
+    try:
+        check_network(model_config)
+    except ValueError as e:
+        raise sgm.SGMError(str(e)) from None
     net = sgm.UNet(model_config).to(device)
     ckpt = Checkpoint(net, sde, sde.data_range, model_config, cfg)
     if classes:

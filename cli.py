@@ -10,6 +10,7 @@ import inspect
 import math
 import os
 import platform
+import sys
 import tempfile
 
 import click
@@ -40,6 +41,27 @@ class Command(OneLineErrors, click.Command):
 
 class Group(OneLineErrors, click.Group):
     pass
+
+
+class ConsoleStream:
+    """sys.stderr (looked up at each write, so that a redirect in tests is seen) for the scripts'
+    consoles: a closed pipe (`2>&1 | head -1`) or another write error drops the text, never the
+    work; console output must not cost the result."""
+
+    def write(self, text):
+        try:
+            return sys.stderr.write(text)
+        except (OSError, ValueError):  # a broken pipe, a closed stream
+            return len(text)
+
+    def flush(self):
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...
+        return getattr(sys.stderr, name)
 
 
 def first_line(error, limit=100):
@@ -89,6 +111,19 @@ def check_writable(path):
         raise sgm.SGMError(f"{path}: cannot write there ({e.strerror})") from None
 
 
+def check_not_input(out, inputs, what="the checkpoint", flag="--out"):
+    """Refuse an output that is, or resolves to (a symlink, a hard link, another spelling), one of
+    the command's input files: writing it would replace the input."""
+    for path in inputs:
+        try:
+            same = os.path.samefile(out, path)
+        except OSError:  # one of them does not exist (yet)
+            same = os.path.realpath(out) == os.path.realpath(path)
+        if same:
+            shown = "" if out == path else f" ({path})"
+            raise sgm.SGMError(f"{flag} {out} is {what} itself{shown}; write elsewhere")
+
+
 def check_number(name, value, low=-math.inf, high=math.inf, low_open=False):
     """Refuse NaN, inf and out-of-range numbers with one line, before any work starts."""
     ok = isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high
@@ -136,6 +171,14 @@ OPTION_RANGES = {"snr": (0, 100, True), "corrector_steps": (0, 1000), "rtol": (1
 OPTION_CHOICES = {"predictor": tuple(sgm.PREDICTORS), "corrector": tuple(sgm.CORRECTORS)}
 
 
+# Bounds of the numbers the scripts take: torch's seeds, and counts that stay within a machine's
+# memory and time (beyond them, allocation fails or the work never ends)
+SEED = click.IntRange(-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+MAX_IMAGES = 10**6  # --n of a command that holds its samples in memory: 3 GB for 28x28
+MAX_STEPS = 10**5  # --steps of a sampler: far past any solver's useful steps
+MAX_BATCH = 2**16  # --batch-size of sampling and evaluate.py speed
+
+
 class Number(click.ParamType):
     """A finite number in [low, high] (low excluded with low_open): click's FloatRange lets NaN
     through, this refuses it, and inf, with one line."""
@@ -181,6 +224,15 @@ def check_solver_options(options, flags=False):
     no_corrector = options.get("corrector") == "none" or options.get("corrector_steps") == 0
     if options.get("predictor", "none") == "none" and "corrector_steps" in options and no_corrector:
         raise sgm.SGMError("no predictor and no corrector steps: nothing to sample with")
+
+
+def check_solver_runs(sde, solver, options):
+    """Refuse, before any work, a solver `sde` cannot run (ancestral on sub-VP): two steps on a
+    1-pixel image with the score of N(0, I), which calls no network. The probability-flow ODE
+    exists for every SDE."""
+    if solver != "ode":
+        generator = torch.Generator().manual_seed(0)
+        sgm.sample(lambda x, t: -x, sde, (1, 1, 1, 1), solver, 2, generator=generator, **options)
 
 
 def find_checkpoint(path=None):

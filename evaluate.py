@@ -45,7 +45,7 @@ import data
 import files
 import sgm
 
-console = Console(stderr=True, soft_wrap=True)
+console = Console(file=cli.ConsoleStream(), soft_wrap=True)  # a closed pipe costs no result
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLASSIFIER = os.path.join(HERE, "checkpoints", "classifier.pt")
 HEUN_STEPS = sgm.SOLVERS["heun"].steps  # 35 NFE: every training-run FD, and train.py's grids
@@ -199,10 +199,7 @@ def check_arm(ckpt, solver, options):
     """Refuse, before any work, a solver the checkpoint's SDE cannot run (ancestral on sub-VP):
     two steps on a 1-pixel image with the score of N(0, I), which calls no network. The
     probability-flow ODE exists for every SDE."""
-    if solver != "ode":
-        generator = torch.Generator().manual_seed(0)
-        sgm.sample(lambda x, t: -x, ckpt.sde, (1, 1, 1, 1), solver, 2, generator=generator,
-                   **options)  # fmt: skip
+    cli.check_solver_runs(ckpt.sde, solver, options)
 
 
 @functools.lru_cache(maxsize=2)
@@ -267,11 +264,21 @@ class Group(cli.Group):
     """cli's one-line errors, whichever command raised them; Ctrl-C exits 130."""
 
     def invoke(self, ctx):
+        WRITTEN.clear()
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
-            console.print("interrupted; nothing written")
+            kept = f"kept {', '.join(WRITTEN)} as last written" if WRITTEN else "nothing written"
+            console.print(f"interrupted; {kept}", highlight=False)
             sys.exit(130)
+
+
+WRITTEN = []  # the files the running command has written, for the line that Ctrl-C prints
+
+
+def wrote(*paths):
+    """Record files written, in order, once each."""
+    WRITTEN.extend(path for path in paths if path not in WRITTEN)
 
 
 @click.group(
@@ -342,10 +349,12 @@ def parse_arm(text):
     default="heun",
     help="A solver, with options if any: 'edm:s_churn=5:s_tmin=0.05', 'pc:snr=0.1:corrector=ald'.",
 )
-@click.option("--steps", type=click.IntRange(1), default=None, help="[the solver's default]")
-@click.option("--n", type=click.IntRange(2), default=2000)
+@click.option(
+    "--steps", type=click.IntRange(1, cli.MAX_STEPS), default=None, help="[the solver's default]"
+)
+@click.option("--n", type=click.IntRange(2, cli.MAX_IMAGES), default=2000)
 @tolerance_options
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=cli.SEED, default=0)
 @labels_option
 @device_option
 @data_options
@@ -382,10 +391,10 @@ def fd_command(ckpt_path, arm, steps, n, rtol, atol, seed, labels, device, class
 
 @main.command("bpd")
 @ckpt_option
-@click.option("--n", type=click.IntRange(1), default=None, help="Test images [all 10000].")
-@click.option("--batch-size", type=click.IntRange(1), default=250)
+@click.option("--n", type=click.IntRange(1, 10000), default=None, help="Test images [all 10000].")
+@click.option("--batch-size", type=click.IntRange(1, cli.MAX_BATCH), default=250)
 @tolerance_options
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=cli.SEED, default=0)
 @device_option
 @click.option(
     "--data",
@@ -460,6 +469,11 @@ def parse_sweep_arm(text):
     """An arm of the sweep: 'SOLVER[:OPTION=VALUE...][@STEPS/...]' -> (solver, options, steps)."""
     arm, at, steps = text.partition("@")
     solver, options = parse_arm(arm)
+    if solver == "ode" and {"rtol", "atol"} & set(options):
+        raise click.ClickException(
+            f"{text}: the sweep's ODE points are its tolerances (rtol = atol = each); give them "
+            "after @, e.g. ode@1e-3/1e-4"
+        )
     if at and not steps:
         raise click.ClickException(f"{text}: no step counts after @")
     try:
@@ -483,17 +497,22 @@ def sweep_table(rows, header):
 
 @main.command("sweep")
 @ckpt_option
-@click.option("--n", type=click.IntRange(2), default=1000, help="Samples per point.")
+@click.option(
+    "--n", type=click.IntRange(2, cli.MAX_IMAGES), default=1000, help="Samples per point."
+)
 @click.option(
     "--solvers",
     default=SWEEP_ARMS,
     help="Comma-separated arms SOLVER[:OPTION=VALUE...][@STEPS/...], e.g. 'edm:s_churn=5@10/18'.",
 )
 @click.option(
-    "--max-steps", type=click.IntRange(1), default=1000, help="Skip step counts above this."
+    "--max-steps",
+    type=click.IntRange(1, cli.MAX_STEPS),
+    default=1000,
+    help="Skip step counts above this.",
 )
 @click.option("--out", default="sweep", help="Writes OUT.md and OUT.png, after every point.")
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=cli.SEED, default=0)
 @labels_option
 @device_option
 @data_options
@@ -508,8 +527,12 @@ def sweep_command(
     ]
     if not arms:
         raise click.ClickException("--solvers names no solver")
-    cli.check_writable(out + ".md")
-    cli.check_writable(out + ".png")
+    if all(solver != "ode" and s > max_steps for _, solver, _, steps in arms for s in steps):
+        raise click.ClickException(f"every step count in --solvers is above --max-steps "
+                                   f"{max_steps}: nothing to sweep")  # fmt: skip
+    for path in (out + ".md", out + ".png"):
+        cli.check_not_input(path, [ckpt_path], flag="--out gives")
+        cli.check_writable(path)
     ckpt = checkpoint.load(ckpt_path, device)
     for _, solver, options, _ in arms:
         check_arm(ckpt, solver, options)
@@ -536,6 +559,7 @@ def sweep_command(
                 progress.console.print(f"{arm} {setting:g}: FD {fd:.2f} at {nfe:.0f} NFE")
                 files.save_text(sweep_table(rows, header), out + ".md")  # nothing lost on Ctrl-C
                 files.save_plot(rows, floor, out + ".png", title)
+                wrote(out + ".md", out + ".png")
     console.print(sweep_table(rows, header) + f"wrote {out}.md and {out}.png")
 
 
@@ -570,8 +594,10 @@ def run_points(folder, snapshots=True):
     for _, path in points if snapshots else ():
         checkpoint.load(path)
     points = [*sorted(points), (final.extra.get("train_seconds", math.nan) / 60, ckpt_path)]
-    rates = []
-    with contextlib.suppress(OSError), open(os.path.join(folder, "log.jsonl")) as f:
+    rates, log_path = [], os.path.join(folder, "log.jsonl")
+    if os.path.exists(log_path) and not os.path.isfile(log_path):  # a FIFO would block for ever
+        raise click.ClickException(f"{log_path}: not a plain file; move it away")
+    with contextlib.suppress(OSError), open(log_path, "rb") as f:  # bytes: any line may be damaged
         for line in f:
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 rates.append(float(json.loads(line)["img_per_s"]))
@@ -594,7 +620,7 @@ def runs_table(rows, header):
 
 @main.command("runs")
 @click.argument("folders", nargs=-1, required=True, type=click.Path(file_okay=False))
-@click.option("--n", type=click.IntRange(2), default=1000, help="Samples per FD.")
+@click.option("--n", type=click.IntRange(2, cli.MAX_IMAGES), default=1000, help="Samples per FD.")
 @click.option("--seeds", default="0", help="Comma-separated sampling seeds, e.g. 0,1.")
 @click.option("--out", default="runs", help="Writes OUT.md, after every FD.")
 @click.option(
@@ -609,9 +635,14 @@ def runs_command(folders, n, seeds, out, snapshots, labels, device, classifier, 
     recipe, training throughput and images seen. With several seeds, an FD per seed."""
     device = cli.resolve_device(device)
     seeds = cli.parse_list(seeds, "--seeds", int, "whole numbers")
+    for seed in seeds:
+        cli.check_int("a --seeds value", seed, cli.SEED.min, cli.SEED.max)
     cli.check_writable(out + ".md")
     runs = [(folder, *run_points(folder, snapshots)) for folder in folders]  # all checked first
-    ckpts = [(path, checkpoint.load(path)) for _, points, _ in runs for _, path in points]
+    inputs = [path for _, points, _ in runs for _, path in points]
+    cli.check_not_input(out + ".md", [*inputs, *(os.path.join(f, "log.jsonl") for f in folders)],
+                        "a run's file", "--out gives")  # fmt: skip
+    ckpts = [(path, checkpoint.load(path)) for path in inputs]
     scorer = Scorer(ckpts, classifier, data_root, device)
     floors = " / ".join(f"{scorer.floor(n, seed):.2f}" for seed in seeds)
     header = (
@@ -637,6 +668,7 @@ def runs_command(folders, n, seeds, out, snapshots, labels, device, classifier, 
                 shown = " / ".join(f"{fd:.2f}" for fd in fds)
                 progress.console.print(f"{folder}, {minutes:.3g} min: FD {shown}")
                 files.save_text(runs_table(rows, header), out + ".md")
+                wrote(out + ".md")
     console.print(runs_table(rows, header) + f"wrote {out}.md")
 
 
@@ -666,13 +698,13 @@ def heun_versus_stochastic(rows, ckpt_paths, nfe):
 @click.option("--solvers", default="heun,ode,em,pc", help="Comma-separated.")
 @click.option(
     "--nfe",
-    type=click.IntRange(2),
+    type=click.IntRange(2, cli.MAX_STEPS),
     default=1000,
     help="Evaluations per sample for the stochastic solvers.",
 )
-@click.option("--n", type=click.IntRange(2), default=1000, help="Samples per cell.")
+@click.option("--n", type=click.IntRange(2, cli.MAX_IMAGES), default=1000, help="Samples per cell.")
 @click.option("--out", default=None, help="Also write the tables to this markdown file.")
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=cli.SEED, default=0)
 @labels_option
 @device_option
 @data_options
@@ -690,6 +722,7 @@ def compare_command(ckpt_paths, solvers, nfe, n, out, seed, labels, device, clas
                 f"unknown solver {s!r}; choose from {', '.join(sgm.SOLVERS)}"
             )
     if out:
+        cli.check_not_input(out, ckpt_paths)
         cli.check_writable(out)
     ckpts = [(path, checkpoint.load(path, device)) for path in ckpt_paths]  # all, first
     for (_, ckpt), solver in itertools.product(ckpts, chosen):
@@ -732,6 +765,7 @@ def compare_command(ckpt_paths, solvers, nfe, n, out, seed, labels, device, clas
     summary = heun_versus_stochastic(rows, ckpt_paths, nfe)
     if out:
         files.save_text(header + table + summary, out)
+        wrote(out)
     console.print(header + table + summary)
 
 
@@ -746,21 +780,18 @@ def compare_command(ckpt_paths, solvers, nfe, n, out, seed, labels, device, clas
 )
 @click.option(
     "--n",
-    type=click.IntRange(0),
+    type=click.IntRange(0, cli.MAX_IMAGES),
     default=1000,
     help="Samples for the FD check before and after (at least 2); 0 skips it.",
 )
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=cli.SEED, default=0)
 @device_option
 @data_options
 def export_command(ckpt_path, out, overwrite, half, n, seed, device, classifier, data_root):
     """Write a training checkpoint's EMA weights alone (no optimizer, no raw weights), to ship, and
     compare the FD of the exported weights with the original's on the same noise (heun, 35 NFE)."""
     device = cli.resolve_device(device)
-    if os.path.abspath(out) == os.path.abspath(ckpt_path):
-        raise click.ClickException(
-            f"--out {out} is the checkpoint itself; write the export elsewhere"
-        )
+    cli.check_not_input(out, [ckpt_path])
     if os.path.exists(out) and not overwrite:
         raise click.ClickException(f"--out {out} exists; give --overwrite to replace it")
     if n == 1:
@@ -772,6 +803,7 @@ def export_command(ckpt_path, out, overwrite, half, n, seed, device, classifier,
     exported.is_ema = True  # stored as the EMA weights, alone
     exported.extra = {**exported.extra, "exported_from": ckpt_path, "half": half}
     checkpoint.save(out, exported, half=half)  # checkpoint.load casts fp16 back to fp32
+    wrote(out)
     console.print(
         f"wrote {out}: {os.path.getsize(out) / 1e6:.2f} MB, {kind} of {ckpt_path} at step "
         f"{exported.step}{' in fp16' if half else ''}"
@@ -836,11 +868,15 @@ class TutorialScoreNet(nn.Module):
 @main.command("guidance")
 @ckpt_option
 @click.option("--weights", default="0,1,3", help="Guidance weights w, comma-separated.")
-@click.option("--n", type=click.IntRange(2), default=200, help="Samples per class and weight.")
+@click.option(
+    "--n", type=click.IntRange(2, cli.MAX_IMAGES), default=200, help="Samples per class and weight."
+)
 @click.option("--solver", type=click.Choice(list(sgm.SOLVERS)), default="heun")
-@click.option("--steps", type=click.IntRange(1), default=None, help="[the solver's default]")
+@click.option(
+    "--steps", type=click.IntRange(1, cli.MAX_STEPS), default=None, help="[the solver's default]"
+)
 @click.option("--out", default=None, help="Also write the table to this markdown file.")
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=cli.SEED, default=0)
 @device_option
 @data_options
 def guidance_command(
@@ -857,6 +893,7 @@ def guidance_command(
     ws = parse_weights(weights)
     check_arm(ckpt, solver, {})
     if out:
+        cli.check_not_input(out, [ckpt_path])
         cli.check_writable(out)
     scorer = Scorer([(ckpt_path, ckpt)], classifier, data_root, device)
     classes = range(config.num_classes)
@@ -888,6 +925,7 @@ def guidance_command(
     header += f"{cli.machine()}, {device}.\n\n"
     if out:
         files.save_text(header + table, out)
+        wrote(out)
     console.print(header + table)
 
 
@@ -900,9 +938,12 @@ def parse_weights(text):
 
 
 @main.command("speed")
-@click.option("--batch-size", type=click.IntRange(1), default=128)
+@click.option("--batch-size", type=click.IntRange(1, cli.MAX_BATCH), default=128)
 @click.option(
-    "--channels", type=click.IntRange(4), default=None, help="Model width [the default model's]."
+    "--channels",
+    type=click.IntRange(4, 1024),
+    default=None,
+    help="Model width [the default model's].",
 )
 @click.option(
     "--model",
@@ -979,7 +1020,7 @@ def speed_command(batch_size, channels, model, iters, device):
 @click.option("--epochs", type=click.IntRange(1), help="[5, or enough for 2,000 steps]")
 @click.option("--out", default=CLASSIFIER, show_default=True, help="The FD feature network.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (else refused).")
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=cli.SEED, default=0)
 @device_option
 def train_classifier_command(data_spec, image_size, grayscale, data_root, epochs, out, overwrite,
                              seed, device):  # fmt: skip

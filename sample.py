@@ -30,7 +30,7 @@ import data
 import files
 import sgm
 
-console = Console(stderr=True, soft_wrap=True)
+console = Console(file=cli.ConsoleStream(), soft_wrap=True)  # a closed pipe costs no result
 MASKS = ("left", "right", "top", "bottom", "center", "random")
 N_DEFAULT = {"sample": 64, "inpaint": 8, "interpolate": 10}
 STEPS = {name: "adaptive" if name == "ode" else s.steps for name, s in sgm.SOLVERS.items()}
@@ -145,14 +145,20 @@ def interpolate(score_fn, sde, x_a, x_b, n=8, **kwargs):
               "[checkpoints/fmnist.pt, else the newest runs/*/ckpt.pt].")  # fmt: skip
 @click.option("--solver", type=click.Choice(list(sgm.SOLVERS)), help="See the README's solver "
               "table [dpmpp_2m_sde; pc with --inpaint, ode with --interpolate].")  # fmt: skip
-@click.option("--n", type=click.IntRange(1), help=f"Images [{per_solver(N_DEFAULT)}].")
-@click.option("--steps", type=click.IntRange(1), help=f"Time steps [{per_solver(STEPS)}].")
+@click.option(
+    "--n", type=click.IntRange(1, cli.MAX_IMAGES), help=f"Images [{per_solver(N_DEFAULT)}]."
+)
+@click.option(
+    "--steps", type=click.IntRange(1, cli.MAX_STEPS), help=f"Time steps [{per_solver(STEPS)}]."
+)
 @solver_flags
 @click.option("--eps", type=cli.Number(0, 0.5, low_open=True), default=1e-3, help="Final time.")
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=cli.SEED, default=0)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--ema/--no-ema", default=True, help="Sample with the EMA weights.")
-@click.option("--batch-size", type=click.IntRange(1), default=256, help="Images per chunk.")
+@click.option(
+    "--batch-size", type=click.IntRange(1, cli.MAX_BATCH), default=256, help="Images per chunk."
+)
 @click.option("--out", type=click.Path(dir_okay=False), default="samples.png",
               help=".png grid, .npz uint8 array or .gif animation.")  # fmt: skip
 @click.option("--label", help="Class index or name (sneaker, ankle-boot, ...), 'all' (a row per "
@@ -198,10 +204,14 @@ def main(ckpt_path, solver, n, steps, eps, seed, device, ema, batch_size, out, l
     cli.check_writable(out)
     for flag in ["--" + name.replace("_", "-") for name in given if name not in options]:
         console.print(f"note: {solver} does not use {flag}; ignored", highlight=False)
+    if solver == "ode" and steps is not None:
+        console.print("note: ode does not use --steps (it is adaptive: --rtol, --atol); ignored")
 
     # Load: the checkpoint, the labels and, to inpaint or interpolate, test images
     ckpt_path, device = cli.find_checkpoint(ckpt_path), cli.resolve_device(device)
+    cli.check_not_input(out, [ckpt_path])
     ckpt = checkpoint.load(ckpt_path, device, use_ema=ema)
+    cli.check_solver_runs(ckpt.sde, solver, options)  # ancestral on sub-VP: refused before work
     n, steps = n or N_DEFAULT[mode], steps or sgm.SOLVERS[solver].steps
     labels, labels_used = make_labels(label, ckpt, n, mode, seed)
     if labels is None and guidance:

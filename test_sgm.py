@@ -3,6 +3,7 @@
     python -m pytest -q            # the fast tests
     python -m pytest -q -m slow    # the slow end-to-end ones
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -722,8 +723,26 @@ def test_train_resume_restores_the_config_and_refuses_contradictions(tmp_path, c
     assert resumed.step == 4 and resumed.train_config == dataclasses.replace(stored, steps=4, log_every=2)
 
 
-def test_train_time_limit_and_snapshots_feed_the_runs_table(tmp_path, few_test_images, cheap_grids):
+def fake_clock(monkeypatch, seconds_per_step):
+    """train.py's clock advanced by the steps alone: seconds_per_step(step) for each (step from 0), whatever the
+    machine's speed. Returns the list of the clock's readings at each step's end."""
+    import types
+
     import train
+    clock, real_step = [time.time()], train.train_step
+
+    def timed_step(run, step):
+        loss = real_step(run, step)
+        clock[0] += seconds_per_step(step)
+        return loss
+
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(train, "train_step", timed_step)
+
+
+def test_train_time_limit_and_snapshots_feed_the_runs_table(tmp_path, few_test_images, cheap_grids, monkeypatch):
+    import train
+    fake_clock(monkeypatch, lambda step: 0.25)  # 3.6 s of --time-limit: 15 steps, on any machine
     out = tmp_path / "run"
     r = invoke(train.main, [*TRAIN_TINY, "--time-limit", "0.06", "--steps", "100000", "--snapshot-minutes", "0.04,0.02",
                             "--lr-schedule", "cosine", "--ema-ramp", "0.1", "--noise-sampling", "lognormal",
@@ -734,17 +753,17 @@ def test_train_time_limit_and_snapshots_feed_the_runs_table(tmp_path, few_test_i
     assert f"python sample.py --ckpt {out}" in r.output  # how to sample the run
     ck = checkpoint.load(str(out / "ckpt.pt"), use_ema=False)
     cfg = ck.train_config
-    # Stopped by the time limit (3.6 s of training; a loaded machine may cut it a little short); the config keeps
-    # the planned steps, so --resume could continue the cosine.
-    seconds = ck.extra["train_seconds"]  # past the budget by at most the last step (a loaded machine: a long one)
-    assert cfg.steps == 100000 and 0 < ck.step < 100000 and 3.6 < seconds < 3.6 + 3 * seconds / ck.step + 0.5
+    # Stopped by the time limit (3.6 s of training) after the step that passed it; the config keeps the planned
+    # steps, so --resume could continue the cosine.
+    assert cfg.steps == 100000 and ck.step == 15 and ck.extra["train_seconds"] == 3.75
+    assert [row["step"] for row in read_log(out)] == [5, 10, 15]
     assert (cfg.lr_schedule, cfg.ema_ramp, cfg.noise_sampling, cfg.conditional, cfg.amp) == ("cosine", 0.1, "lognormal", False, False)
     assert ck.model_config.num_classes == 0
     row = read_log(out)[-1]  # the cosine over the planned steps
     assert row["lr"] == pytest.approx(train.learning_rate(cfg, row["step"] - 1))
-    for minutes in ("0.02", "0.04"):
+    for minutes, step in (("0.02", 5), ("0.04", 10)):  # the first steps past 1.2 s and 2.4 s
         snap = checkpoint.load(str(out / f"snapshot_{minutes}min.pt"))
-        assert snap.is_ema and snap.resume is None and 0 < snap.step < ck.step
+        assert snap.is_ema and snap.resume is None and snap.step == step
     r = invoke(train.main, [*TRAIN_TINY, "--steps", "2", "--out", str(out)])  # the snapshots are part of the run
     assert r.exit_code == 1 and "--overwrite" in r.output and (out / "snapshot_0.02min.pt").exists()
     r = run_evaluate("runs", out, "--n", 4, "--seeds", "0,1", "--out", tmp_path / "table", "--device", "cpu")
@@ -864,7 +883,7 @@ def test_train_resume_after_sigint_sigterm_and_sigkill_is_exact(tmp_path, monkey
 
         monkeypatch.setattr(train, "train_step", step_then_signal)
         r = invoke(train.main, [*common, "--out", str(out)], expect_interrupt=True)
-        assert r.exit_code == 128 + sig and "Continue with --resume" in r.output, r.output
+        assert r.exit_code == 128 + sig and "Continue with: python train.py --resume --out" in r.output, r.output
         assert checkpoint.load(str(out / "ckpt.pt")).step == 5
         monkeypatch.setattr(train, "train_step", real_step)
         assert invoke(train.main, ["--device", "cpu", "--out", str(out), "--resume"]).exit_code == 0
@@ -1704,6 +1723,304 @@ def test_evaluate_refuses_bad_arms_and_files_before_any_work(tiny_ckpt, tiny_run
     (run / "snapshot_0.5min.pt").write_bytes(b"cut sho")
     r = run_evaluate("runs", run, "--n", 4, *out, "--device", "cpu")
     assert r.exit_code == 1 and "snapshot_0.5min.pt: not a readable checkpoint" in r.output, r.output
+
+
+# ---------------------------------------------------------------- faults, fourth round
+
+def test_no_command_writes_over_its_own_input(tiny_ckpt, tiny_run, tmp_path, monkeypatch):
+    """An output that is an input, or a link to one, is refused before any work; the input is untouched."""
+    import shutil
+
+    import evaluate
+    monkeypatch.setattr(evaluate, "Scorer", lambda *a: pytest.fail("work started before --out was checked"))
+    model = shutil.copy(tiny_ckpt / "tiny.pt", tmp_path / "m.pt")
+    run = copy_run(tiny_run, tmp_path)
+    os.symlink(run / "ckpt.pt", tmp_path / "link.pt")
+    os.symlink(model, tmp_path / "link.md")
+    os.symlink(model, tmp_path / "link.png")
+    os.symlink(run / "log.jsonl", tmp_path / "log.md")
+    before = {path: open(path, "rb").read() for path in (model, run / "ckpt.pt", run / "log.jsonl")}
+    for args in [("compare", model, "--out", model), ("guidance", "--ckpt", model, "--out", model),
+                 ("compare", model, "--out", tmp_path / "link.md"), ("export", run / "ckpt.pt", "--out", tmp_path / "link.pt", "--overwrite"),
+                 ("export", tmp_path / "link.pt", "--out", run / "ckpt.pt", "--overwrite"), ("sweep", "--ckpt", model, "--out", tmp_path / "link"),
+                 ("runs", run, "--out", tmp_path / "log")]:
+        r = run_evaluate(*args, "--n", 4, "--device", "cpu")
+        assert r.exit_code == 1 and "itself" in r.output and isinstance(r.exception, SystemExit), (args, r.output)
+    monkeypatch.setattr(sgm, "sample", lambda *a, **k: pytest.fail("sampled before --out was checked"))
+    r = run_sample("--ckpt", model, "--out", tmp_path / "link.png")
+    assert r.exit_code == 1 and "is the checkpoint itself" in r.output, r.output
+    assert all(open(path, "rb").read() == content for path, content in before.items())
+
+
+def test_a_run_file_name_that_is_no_plain_file_stops_the_run_before_anything_is_removed(tiny_run, tmp_path, monkeypatch):
+    import train
+    monkeypatch.setattr(data, "training_data", lambda *a: pytest.fail("data loaded before the run folder was checked"))
+    out = copy_run(tiny_run, tmp_path)
+    (out / "samples_0000009.png").mkdir()
+    before = sorted(os.listdir(out))
+    for extra in (["--overwrite"], ["--resume", "--steps", "6"]):
+        r = invoke(train.main, [*TRAIN_TINY, "--steps", "2", "--out", str(out), *extra] if "--overwrite" in extra
+                   else ["--device", "cpu", "--out", str(out), *extra])
+        assert r.exit_code == 1 and "samples_0000009.png, not a plain file" in r.output, r.output
+        assert sorted(os.listdir(out)) == before
+
+
+def test_crafted_optimizer_values_and_rng_states_are_refused_before_resuming(tiny_run, tmp_path, monkeypatch):
+    """Optimizer moments and steps that are NaN or negative, and RNG states of the wrong kind, are damage: one line
+    naming the resume state, before the data is loaded (not "loss became nan" after training on them)."""
+    import shutil
+
+    import train
+    good = torch.load(tiny_run / "ckpt.pt", weights_only=True)
+    adam, first = good["optimizer"], min(good["optimizer"]["state"])
+
+    def moment(name, value):
+        state = {**adam["state"][first], name: torch.full_like(adam["state"][first][name], value)}
+        return dict(optimizer={**adam, "state": {**adam["state"], first: state}})
+
+    cases = {"exp_avg_nan": moment("exp_avg", float("nan")), "exp_avg_sq_negative": moment("exp_avg_sq", -1.0),
+             "step_nan": moment("step", float("nan")), "step_negative": moment("step", -3.0),
+             "rng_size": dict(rng={"cpu": torch.zeros(7, dtype=torch.uint8)}), "rng_no_cpu": dict(rng={"cuda": None}),
+             "rng_text": dict(rng={"cpu": "state"}), "rng_float": dict(rng={"cpu": torch.zeros(5056)}),
+             "rng_cuda_size": dict(rng={**good["rng"], "cuda": torch.zeros(3, dtype=torch.uint8)})}
+    monkeypatch.setattr(data, "training_data", lambda *a: pytest.fail("data loaded before the checkpoint was checked"))
+    for name, change in cases.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save({**good, **change}, path)
+        with pytest.raises(checkpoint.CheckpointError, match="damaged resume state") as e:
+            checkpoint.load(str(path), use_ema=False)
+        assert "\n" not in str(e.value), name
+        run = tmp_path / name
+        run.mkdir()
+        shutil.copy(path, run / "ckpt.pt")
+        r = invoke(train.main, ["--device", "cpu", "--out", str(run), "--resume", "--steps", "6"])
+        assert r.exit_code == 1 and "damaged resume state" in r.output and isinstance(r.exception, SystemExit), (name, r.output)
+
+
+def test_a_crafted_network_size_is_refused_before_the_network_is_built(tiny_ckpt, tmp_path, monkeypatch):
+    """A small file whose config asks for a huge network costs no memory: the parameter count and the stored
+    weights' shapes are checked on a plan of the network (the meta device) before it is built."""
+    good = torch.load(tiny_ckpt / "tiny.pt", weights_only=True)
+    real_unet = sgm.UNet
+
+    def planned_only(config):
+        assert torch.empty(()).device.type == "meta", "a network was built before its size was checked"
+        return real_unet(config)
+
+    monkeypatch.setattr(sgm, "UNet", planned_only)
+    for config, message in [(dict(channels=256, num_res_blocks=8), "names differ"), (dict(channels=256), "has shape"), (dict(channels=1024, channel_mult=[8]), "M parameters")]:
+        path = tmp_path / "crafted.pt"
+        torch.save({**good, "config": {**good["config"], **config}}, path)
+        with pytest.raises(checkpoint.CheckpointError, match=message):
+            checkpoint.load(str(path))
+    monkeypatch.setattr(sgm, "UNet", real_unet)
+    assert checkpoint.load(str(tiny_ckpt / "tiny.pt")).step == 0  # a fitting file loads as before
+
+
+@pytest.mark.parametrize("env, message", [({"RANK": "1"}, "RANK=1 is set but not WORLD_SIZE"), ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0 in the environment"),
+                                          ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' in the environment: not a whole number"),
+                                          ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT not set"),
+                                          ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, "RANK=2 in the environment"),
+                                          ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "SGM_DIST_TIMEOUT": "nan"}, "SGM_DIST_TIMEOUT")])
+def test_a_bad_distributed_environment_is_one_line(tmp_path, monkeypatch, env, message):
+    import train
+    monkeypatch.setattr(data, "training_data", lambda *a: pytest.fail("data loaded before the environment was checked"))
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SGM_DIST_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    r = invoke(train.main, [*TRAIN_TINY, "--steps", "2", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 1 and message in r.output and isinstance(r.exception, SystemExit), r.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_waiting_for_other_processes_says_so_and_times_out(tmp_path):
+    """A peer that never comes: what is awaited is printed, and SGM_DIST_TIMEOUT ends the wait with one line."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "SGM_DIST_TIMEOUT": "2"}
+    r = run_cli("train.py", *TRAIN_TINY, "--steps", "2", "--out", str(tmp_path / "run"), env=env, timeout=120)
+    assert f"process 0 of 2: waiting for the others at 127.0.0.1:{port} (up to 2 s" in r.stderr, r.stderr
+    assert r.returncode == 1 and "could not join the others" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_sweep_with_nothing_to_do_or_tolerances_twice_is_refused_before_work(tiny_ckpt, tmp_path, monkeypatch):
+    import evaluate
+    monkeypatch.setattr(evaluate, "Scorer", lambda *a: pytest.fail("work started before the arms were checked"))
+    for solvers, message in [("heun@2000", "every step count in --solvers is above --max-steps 1000"),
+                             ("em@5/2000", "above --max-steps 4"), ("ode:rtol=1e-3", "give them after @"),
+                             ("heun,ode:atol=1e-3@1e-2", "give them after @")]:
+        args = ["--max-steps", 4] if "em" in solvers else []
+        r = run_evaluate("sweep", "--ckpt", tiny_ckpt / "tiny.pt", "--solvers", solvers, *args, "--n", 4, "--out", tmp_path / "sweep", "--device", "cpu")
+        assert r.exit_code == 1 and message in r.output and "wrote" not in r.output, (solvers, r.output)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_log_with_bytes_that_are_not_utf8_is_read_past(tiny_run, tmp_path, cheap_grids):
+    import evaluate
+    import train
+    out = copy_run(tiny_run, tmp_path)
+    with open(out / "log.jsonl", "ab") as f:
+        f.write(b'{"step": 3, "loss": 1.0, "img_per_s": 5\xff}\n\xfe\n')
+    assert evaluate.run_points(str(out))[1] == pytest.approx(sorted(row["img_per_s"] for row in read_log(tiny_run))[1])
+    r = invoke(train.main, ["--device", "cpu", "--out", str(out), "--resume", "--steps", "6"])
+    assert r.exit_code == 0, r.output
+    assert [row["step"] for row in read_log(out)] == [2, 4, 6]
+
+
+def test_a_fifo_named_log_jsonl_is_refused_not_waited_on(tiny_run, tmp_path):
+    """Only regular files are opened: a FIFO would block the reader for ever. (A writer opens it after 30 s, should
+    a reader wait on it, so that this test fails instead of hanging.)"""
+    import threading
+
+    import evaluate
+    import train
+    out = copy_run(tiny_run, tmp_path)
+    os.remove(out / "log.jsonl")
+    os.mkfifo(out / "log.jsonl")
+    done = threading.Event()
+
+    def unblock():
+        done.wait(30)
+        with contextlib.suppress(OSError):
+            os.close(os.open(out / "log.jsonl", os.O_WRONLY | os.O_NONBLOCK))
+
+    threading.Thread(target=unblock, daemon=True).start()
+    try:
+        r = invoke(train.main, ["--device", "cpu", "--out", str(out), "--resume", "--steps", "6"])
+        assert r.exit_code == 1 and "log.jsonl, not a plain file" in r.output, r.output
+        with pytest.raises(click.ClickException, match="log.jsonl: not a plain file"):
+            evaluate.run_points(str(out))
+    finally:
+        done.set()
+
+
+def test_ctrl_c_in_evaluate_names_the_files_it_kept(tiny_ckpt, tiny_run, tmp_path, monkeypatch):
+    import evaluate
+
+    class Scorer:
+        def __init__(self, *args):
+            pass
+
+        def fd(self, images, label=None):
+            return 1.0, torch.zeros(10)
+
+        def floor(self, *args, **kwargs):
+            return 1.0
+
+    calls = []
+
+    def generate(ckpt, solver, steps, n, *args, **kwargs):  # the second batch of samples is interrupted
+        calls.append(solver)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return torch.zeros(n, 1, 28, 28, dtype=torch.uint8), 2.0, 0.1
+
+    monkeypatch.setattr(evaluate, "Scorer", Scorer)
+    monkeypatch.setattr(evaluate, "generate", generate)
+    for args, kept in [(["sweep", "--ckpt", tiny_ckpt / "tiny.pt", "--solvers", "heun@2/3", "--out", tmp_path / "sweep"], [tmp_path / "sweep.md", tmp_path / "sweep.png"]),
+                       (["export", tiny_ckpt / "tiny.pt", "--out", tmp_path / "ship.pt"], [tmp_path / "ship.pt"]),
+                       (["runs", tiny_run, "--seeds", "0,1", "--out", tmp_path / "runs2"], [])]:
+        calls.clear()
+        r = invoke(evaluate.main, [*map(str, args), "--n", "4", "--device", "cpu"], expect_interrupt=True)
+        line = "interrupted; " + (f"kept {', '.join(map(str, kept))} as last written" if kept else "nothing written")
+        assert r.exit_code == 130 and line in r.output and all(path.exists() for path in kept), (args, r.output)
+    calls.clear()
+    r = invoke(evaluate.main, ["runs", str(tiny_run), str(tiny_run), "--out", str(tmp_path / "runs3"), "--n", "4", "--device", "cpu"],
+               expect_interrupt=True)  # the first run's row was written
+    assert r.exit_code == 130 and f"kept {tmp_path / 'runs3.md'} as last written" in r.output, r.output
+
+
+def test_numbers_beyond_the_machine_are_refused_by_their_options(tiny_ckpt, tiny_run, tmp_path, monkeypatch):
+    """Seeds beyond torch's 64 bits, and counts of images, steps and batch sizes that no machine holds, get click's
+    one-line range error (exit 2) before any work."""
+    import evaluate
+    import sample
+    monkeypatch.setattr(sgm, "sample", lambda *a, **k: pytest.fail("sampled before the numbers were checked"))
+    monkeypatch.setattr(evaluate, "Scorer", lambda *a: pytest.fail("work started before the numbers were checked"))
+    big = str(10**23)
+    ckpt = ["--ckpt", str(tiny_ckpt / "tiny.pt"), "--device", "cpu"]
+    for command, args in [(sample.main, ["--seed", big]), (sample.main, ["--n", str(10**13)]), (sample.main, ["--steps", str(10**15)]),
+                          (sample.main, ["--batch-size", str(10**11)]), (evaluate.main, ["fd", "--seed", big]),
+                          (evaluate.main, ["fd", "--steps", str(10**15)]), (evaluate.main, ["fd", "--n", str(10**13)]),
+                          (evaluate.main, ["guidance", "--seed", str(-(2**63) - 1)]), (evaluate.main, ["bpd", "--batch-size", str(10**11)])]:
+        r = invoke(command, [*args, *ckpt, *(["--out", str(tmp_path / "o.png")] if command is sample.main else [])])
+        assert r.exit_code == 2 and "is not in the range" in r.output, (args, r.output)
+    for args in (["speed", "--batch-size", str(10**11)], ["speed", "--channels", str(10**6)], ["compare", str(tiny_ckpt / "tiny.pt"), "--nfe", str(10**15)],
+                 ["export", str(tiny_ckpt / "tiny.pt"), "--out", str(tmp_path / "e.pt"), "--n", str(10**13)]):
+        r = invoke(evaluate.main, args)
+        assert r.exit_code == 2 and "is not in the range" in r.output, (args, r.output)
+    r = invoke(evaluate.main, ["runs", str(tiny_run), "--seeds", f"0,{big}", "--out", str(tmp_path / "t")])
+    assert r.exit_code == 1 and "--seeds value must be a whole number" in r.output, r.output
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_closed_console_pipe_costs_no_result(tiny_ckpt, tmp_path):
+    """`python sample.py ... 2>&1 | head -1`: the console's pipe closes after a line; the samples are written all
+    the same and the exit code is 0."""
+    out = tmp_path / "s.png"
+    proc = subprocess.Popen([sys.executable, "sample.py", "--ckpt", str(tiny_ckpt / "tiny.pt"), "--device", "cpu", "--n", "4",
+                             "--solver", "heun", "--steps", "2", "--out", str(out)], cwd=HERE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc.stderr.close()  # as `head` does once it has its line
+    assert proc.wait(timeout=300) == 0 and out.exists()
+
+
+def test_time_left_follows_the_speed_shown(tmp_path, monkeypatch, cheap_grids):
+    """The time left is the steps left at the pace of the last log interval, as its img/s: a slowdown shows in both."""
+    import train
+    fake_clock(monkeypatch, lambda step: 0.01 if step < 5 else 6.0)
+    r = invoke(train.main, [*TRAIN_TINY, "--steps", "20", "--log-every", "5", "--sample-every", "1000", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    assert "step 10/20 loss" in r.output and "3 img/s, 1.0 min left" in r.output, r.output  # 10 steps of 6 s; 80 images in 30 s
+
+
+def test_the_default_preset_on_a_cpu_says_what_it_costs_before_it_starts():
+    import io
+    import types
+
+    from rich.console import Console
+
+    import train
+    log = Console(file=io.StringIO(), width=300)
+    for preset, device, noted in (("default", "cpu", True), ("quick", "cpu", False), ("default", "cuda", False)):
+        cfg = checkpoint.TrainConfig(**{**checkpoint.PRESETS[preset], "preset": preset, "amp": False})
+        ckpt = types.SimpleNamespace(net=torch.nn.Linear(1000, 6190 if preset == "default" else 170), sde=sgm.SubVPSDE(), step=0)
+        run = types.SimpleNamespace(ckpt=ckpt, cfg=cfg, device=device, world=1, images=range(60000), out="runs/x")
+        log.file.seek(0), log.file.truncate()
+        train.announce(run, log)
+        text = log.file.getvalue()
+        assert ("meant for a GPU" in text and "days" in text and "--preset quick" in text) == noted, (preset, device, text)
+
+
+def test_sample_notes_an_unused_steps_and_refuses_a_solver_the_sde_lacks_before_work(tiny_ckpt, tmp_path, monkeypatch):
+    import sample
+    r = run_sample("--ckpt", tiny_ckpt / "tiny.pt", "--solver", "ode", "--steps", 10, "--rtol", 1e-2, "--atol", 1e-2, "--n", 2,
+                   "--out", tmp_path / "o.png")
+    assert r.exit_code == 0 and "note: ode does not use --steps" in r.output, r.output
+    monkeypatch.setattr(sample, "Progress", lambda *a, **k: pytest.fail("sampling started before the solver was checked"))
+    r = run_sample("--ckpt", tiny_ckpt / "subvp.pt", "--solver", "ancestral", "--out", tmp_path / "a.png")
+    assert r.exit_code == 1 and "not defined for SubVPSDE" in r.output and isinstance(r.exception, SystemExit), r.output
+
+
+def test_a_stopped_run_gives_the_whole_commands_quoted(tmp_path, monkeypatch, cheap_grids):
+    import shlex
+    import signal
+
+    import train
+    real_step, out = train.train_step, str(tmp_path / "my run")
+
+    def step_then_signal(run, step):
+        os.kill(os.getpid(), signal.SIGINT)  # the first step ends, is saved, and the run stops
+        return real_step(run, step)
+
+    monkeypatch.setattr(train, "train_step", step_then_signal)
+    r = invoke(train.main, [*TRAIN_TINY, "--steps", "3", "--sample-every", "1000", "--out", out], expect_interrupt=True)
+    assert r.exit_code == 130, r.output
+    assert f"Continue with: python train.py --resume --out {shlex.quote(out)}\n" in r.output, r.output
+    assert f"Sample it: python sample.py --ckpt {shlex.quote(out)} --no-ema" in r.output and "'" in shlex.quote(out)
 
 
 def readme_commands():

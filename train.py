@@ -15,9 +15,11 @@ and samples_<step>.png (EMA weights, Heun, 35 NFE). ckpt.pt stores the run's who
 
 import copy
 import dataclasses
+import datetime
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -35,7 +37,7 @@ import data
 import files
 import sgm
 
-console = Console(stderr=True, soft_wrap=True)
+console = Console(file=cli.ConsoleStream(), soft_wrap=True)  # a closed pipe costs no result
 RESUMABLE = ("steps", "log_every", "sample_every", "ckpt_every")  # may change on --resume
 GRID_STEPS = sgm.SOLVERS["heun"].steps  # the sample grids: Heun, 35 NFE
 
@@ -43,15 +45,70 @@ GRID_STEPS = sgm.SOLVERS["heun"].steps  # the sample grids: Heun, 35 NFE
 # Set-up: processes, configuration, run folder, network and optimizer
 
 
+def distributed_env():
+    """(world size, rank, local rank) from torchrun's variables, checked: a plain run sets none of
+    them; several processes need all four of RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT."""
+    env = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    values = {}
+    for name, text in env.items():
+        try:
+            values[name] = int(text) if text is not None else None
+        except ValueError:
+            raise sgm.SGMError(f"{name}={text!r} in the environment: not a whole number") from None
+    world = 1 if values["WORLD_SIZE"] is None else values["WORLD_SIZE"]
+    if world < 1:
+        raise sgm.SGMError(f"WORLD_SIZE={world} in the environment: it must be at least 1")
+    rank, local = values["RANK"], values["LOCAL_RANK"]
+    if values["WORLD_SIZE"] is None and rank not in (None, 0):
+        raise sgm.SGMError(f"RANK={rank} is set but not WORLD_SIZE: start the processes with "
+                           "torchrun, or unset RANK")  # fmt: skip
+    if world > 1:
+        missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+        if missing:
+            raise sgm.SGMError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: start the "
+                               "processes with torchrun")  # fmt: skip
+    rank = rank or 0
+    if not 0 <= rank < world:
+        raise sgm.SGMError(f"RANK={rank} in the environment: it must be from 0 to {world - 1}")
+    if local is not None and local < 0:
+        raise sgm.SGMError(f"LOCAL_RANK={local} in the environment: it must be at least 0")
+    return world, rank, local or 0
+
+
+DIST_TIMEOUT = 1800  # seconds: torch's default; SGM_DIST_TIMEOUT sets another
+
+
+def init_processes(backend, world, rank):
+    """Join the other processes, saying what is awaited; a timeout (SGM_DIST_TIMEOUT seconds, also
+    the limit of each collective) is one line."""
+    text = os.environ.get("SGM_DIST_TIMEOUT", str(DIST_TIMEOUT))
+    try:
+        seconds = float(text)
+        cli.check_number("SGM_DIST_TIMEOUT", seconds, 0, 1e7, low_open=True)
+    except ValueError:
+        raise sgm.SGMError(f"SGM_DIST_TIMEOUT={text!r}: give seconds, above 0") from None
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    if rank == 0:
+        console.print(f"process 0 of {world}: waiting for the others at {where} (up to {seconds:g} "
+                      "s; SGM_DIST_TIMEOUT=SECONDS sets the limit)", highlight=False)  # fmt: skip
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
+    except (RuntimeError, ValueError) as e:  # torch's DistStoreError and timeouts
+        raise sgm.SGMError(
+            f"process {rank} of {world} could not join the others at {where} "
+            f"within {seconds:g} s ({cli.first_line(e, 200)})"
+        ) from None
+
+
 def setup_processes(device):
     """(device, world size, rank) for a plain run or a torchrun process; sets the CPU threads."""
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    world, rank, local_rank = distributed_env()
     device = cli.resolve_device(device)
     if world > 1:
         if device == "cuda":
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        init_processes("nccl" if device.startswith("cuda") else "gloo", world, rank)
     if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # =1 lets runs share a machine
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         torch.set_num_threads(max(1, (cores or 1) // world))
@@ -242,6 +299,9 @@ def report(run, log, progress, step, end, status, seconds_per_step):
 # The training loop
 
 
+CPU_RATE = 19 / 2  # img/s per CPU core of the default preset's 6.19 M network in fp32 (README)
+
+
 def announce(run, log):
     n_params = sum(p.numel() for p in run.ckpt.net.parameters()) / 1e6
     precision = "bf16 autocast" if cli.use_bf16(run.device, run.cfg.amp) else "fp32"
@@ -251,6 +311,12 @@ def announce(run, log):
         f"{n_params:.2f} M parameters, batch {run.cfg.batch_size}x{run.world}, steps "
         f"{run.ckpt.step} -> {run.cfg.steps}, {len(run.images)} images, out {run.out}"
     )
+    if run.device == "cpu" and run.cfg.preset == "default":  # the cost scales with the parameters
+        rate = CPU_RATE * torch.get_num_threads() * 6.19 / n_params
+        hours = (run.cfg.steps - run.ckpt.step) * run.cfg.batch_size * run.world / rate / 3600
+        took = f"{hours / 24:.0f} days" if hours > 48 else f"{hours:.1f} hours"
+        log.print(f"[yellow]note[/]: the default preset is meant for a GPU; here it would take "
+                  f"about {took}. On a CPU, --preset quick trains in minutes.")  # fmt: skip
 
 
 def train(run):
@@ -294,7 +360,8 @@ def train(run):
                 if row:  # a stop in mid-interval saves the interval, and --resume completes it
                     rates.append(log_row(run, step, loss, count, time.time() - t_log))
                     status = f"loss {loss:.4f}  {rates[-1]:.0f} img/s"
-                    report(run, log, progress, step, end, status, elapsed / (step - start))
+                    pace = cfg.batch_size * run.world / rates[-1]  # as the speed shown: of late
+                    report(run, log, progress, step, end, status, pace)
                     loss_sum.zero_()
                     count, t_log = 0, time.time()
                 if step % cfg.ckpt_every == 0 or last:
@@ -319,7 +386,8 @@ def finish(run, log, step, start, loss, rates, seconds):
     """The last lines: what was done, how to go on, and how to sample the run."""
     if run.stop:
         log.print(f"[yellow]stopped by {signal.Signals(run.stop).name} at step {step}; checkpoint "
-                  f"saved in {run.out}. Continue with --resume --out {run.out}")  # fmt: skip
+                  f"saved in {run.out}. Continue with: python train.py --resume --out "
+                  f"{shlex.quote(run.out)}", highlight=False)  # fmt: skip
     else:
         rate = sorted(rates)[len(rates) // 2] if rates else float("nan")
         images = (step - start) * run.cfg.batch_size * run.world
@@ -328,7 +396,7 @@ def finish(run, log, step, start, loss, rates, seconds):
                   f"{seconds:.0f} s, {speed}")  # fmt: skip
     young = step < 3 / (1 - run.cfg.ema_decay)  # the EMA still holds much of the initial network
     hint = " --no-ema  # the EMA weights still remember the untrained network" if young else ""
-    log.print(f"Sample it: python sample.py --ckpt {run.out}{hint}", highlight=False)
+    log.print(f"Sample it: python sample.py --ckpt {shlex.quote(run.out)}{hint}", highlight=False)
     if run.stop:
         sys.exit(128 + run.stop)  # 130 for Ctrl-C, 143 for SIGTERM
 
