@@ -224,9 +224,8 @@ class Scorer:
         self.root, self.train = root, None
         net, meta = load_classifier(classifier, device)
         for path, ckpt in ckpts:
-            if not data.same_data(ckpt.train_config.data, meta["data"]) or ckpt.shape != tuple(
-                meta["shape"]
-            ):
+            same = data.same_data(ckpt.train_config.data, meta["data"])
+            if not same or ckpt.shape != tuple(meta["shape"]):
                 raise click.ClickException(
                     f"{path} models {data.shape_text(ckpt.shape)} images of "
                     f"{ckpt.train_config.data}; the feature network {classifier or CLASSIFIER} "
@@ -291,6 +290,8 @@ def main():
 HELP = "Checkpoint or train.py run folder [as sample.py]."
 ckpt_option = click.option("--ckpt", "ckpt_path", type=click.Path(), default=None, help=HELP)
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+STEPS, SAMPLES = click.IntRange(1, cli.MAX_STEPS), click.IntRange(2, cli.MAX_IMAGES)
+steps_option = click.option("--steps", type=STEPS, default=None, help="[the solver's default]")
 
 
 def data_options(command):
@@ -349,10 +350,8 @@ def parse_arm(text):
     default="heun",
     help="A solver, with options if any: 'edm:s_churn=5:s_tmin=0.05', 'pc:snr=0.1:corrector=ald'.",
 )
-@click.option(
-    "--steps", type=click.IntRange(1, cli.MAX_STEPS), default=None, help="[the solver's default]"
-)
-@click.option("--n", type=click.IntRange(2, cli.MAX_IMAGES), default=2000)
+@steps_option
+@click.option("--n", type=SAMPLES, default=2000)
 @tolerance_options
 @click.option("--seed", type=cli.SEED, default=0)
 @labels_option
@@ -396,12 +395,7 @@ def fd_command(ckpt_path, arm, steps, n, rtol, atol, seed, labels, device, class
 @tolerance_options
 @click.option("--seed", type=cli.SEED, default=0)
 @device_option
-@click.option(
-    "--data",
-    "data_spec",
-    help="Test images: a dataset as train.py takes it, seen as "
-    "the checkpoint saw its own [the checkpoint's].",
-)
+@click.option("--data", "data_spec", help="Test images [the checkpoint's own dataset's].")
 @click.option("--data-root", type=click.Path(file_okay=False), default=data.DATA_DIR)
 def bpd_command(ckpt_path, n, batch_size, rtol, atol, seed, device, data_spec, data_root):
     """Test-set bits/dim with uniform dequantization and the Hutchinson trace estimator."""
@@ -497,20 +491,13 @@ def sweep_table(rows, header):
 
 @main.command("sweep")
 @ckpt_option
-@click.option(
-    "--n", type=click.IntRange(2, cli.MAX_IMAGES), default=1000, help="Samples per point."
-)
+@click.option("--n", type=SAMPLES, default=1000, help="Samples per point.")
 @click.option(
     "--solvers",
     default=SWEEP_ARMS,
     help="Comma-separated arms SOLVER[:OPTION=VALUE...][@STEPS/...], e.g. 'edm:s_churn=5@10/18'.",
 )
-@click.option(
-    "--max-steps",
-    type=click.IntRange(1, cli.MAX_STEPS),
-    default=1000,
-    help="Skip step counts above this.",
-)
+@click.option("--max-steps", type=STEPS, default=1000, help="Skip step counts above this.")
 @click.option("--out", default="sweep", help="Writes OUT.md and OUT.png, after every point.")
 @click.option("--seed", type=cli.SEED, default=0)
 @labels_option
@@ -620,12 +607,10 @@ def runs_table(rows, header):
 
 @main.command("runs")
 @click.argument("folders", nargs=-1, required=True, type=click.Path(file_okay=False))
-@click.option("--n", type=click.IntRange(2, cli.MAX_IMAGES), default=1000, help="Samples per FD.")
+@click.option("--n", type=SAMPLES, default=1000, help="Samples per FD.")
 @click.option("--seeds", default="0", help="Comma-separated sampling seeds, e.g. 0,1.")
 @click.option("--out", default="runs", help="Writes OUT.md, after every FD.")
-@click.option(
-    "--snapshots/--no-snapshots", default=True, help="The snapshots too, or ckpt.pt only."
-)
+@click.option("--snapshots/--no-snapshots", default=True, help="Snapshots too, or ckpt.pt only.")
 @labels_option
 @device_option
 @data_options
@@ -696,13 +681,8 @@ def heun_versus_stochastic(rows, ckpt_paths, nfe):
 @main.command("compare")
 @click.argument("ckpt_paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--solvers", default="heun,ode,em,pc", help="Comma-separated.")
-@click.option(
-    "--nfe",
-    type=click.IntRange(2, cli.MAX_STEPS),
-    default=1000,
-    help="Evaluations per sample for the stochastic solvers.",
-)
-@click.option("--n", type=click.IntRange(2, cli.MAX_IMAGES), default=1000, help="Samples per cell.")
+@click.option("--nfe", type=click.IntRange(2, cli.MAX_STEPS), default=1000, help="SDEs' NFE.")
+@click.option("--n", type=SAMPLES, default=1000, help="Samples per cell.")
 @click.option("--out", default=None, help="Also write the tables to this markdown file.")
 @click.option("--seed", type=cli.SEED, default=0)
 @labels_option
@@ -773,11 +753,7 @@ def compare_command(ckpt_paths, solvers, nfe, n, out, seed, labels, device, clas
 @click.argument("ckpt_path", type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The exported file.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (else refused).")
-@click.option(
-    "--half/--no-half",
-    default=True,
-    help="Store float weights as fp16 (cast back to fp32 on load).",
-)
+@click.option("--half/--no-half", default=True, help="fp16 weights (fp32 again on load).")
 @click.option(
     "--n",
     type=click.IntRange(0, cli.MAX_IMAGES),
@@ -868,13 +844,9 @@ class TutorialScoreNet(nn.Module):
 @main.command("guidance")
 @ckpt_option
 @click.option("--weights", default="0,1,3", help="Guidance weights w, comma-separated.")
-@click.option(
-    "--n", type=click.IntRange(2, cli.MAX_IMAGES), default=200, help="Samples per class and weight."
-)
+@click.option("--n", type=SAMPLES, default=200, help="Samples per class and weight.")
 @click.option("--solver", type=click.Choice(list(sgm.SOLVERS)), default="heun")
-@click.option(
-    "--steps", type=click.IntRange(1, cli.MAX_STEPS), default=None, help="[the solver's default]"
-)
+@steps_option
 @click.option("--out", default=None, help="Also write the table to this markdown file.")
 @click.option("--seed", type=cli.SEED, default=0)
 @device_option
@@ -939,12 +911,7 @@ def parse_weights(text):
 
 @main.command("speed")
 @click.option("--batch-size", type=click.IntRange(1, cli.MAX_BATCH), default=128)
-@click.option(
-    "--channels",
-    type=click.IntRange(4, 1024),
-    default=None,
-    help="Model width [the default model's].",
-)
+@click.option("--channels", type=click.IntRange(4, 1024), help="Model width [the model's].")
 @click.option(
     "--model",
     type=click.Choice(["default", "quick", "tutorial"]),
@@ -957,23 +924,14 @@ def speed_command(batch_size, channels, model, iters, device):
     """Training and sampling throughput (img/s) of a freshly initialised model on this device."""
     device = cli.resolve_device(device)
     cfg = checkpoint.TrainConfig(**checkpoint.PRESETS["quick" if model == "quick" else "default"])
-    if model == "tutorial":
-        net = TutorialScoreNet()
-    else:
-        net = sgm.UNet(
-            sgm.ModelConfig(
-                channels=channels or cfg.channels,
-                channel_mult=cfg.channel_mult,
-                num_res_blocks=cfg.num_res_blocks,
-                dropout=cfg.dropout,
-                num_classes=10 if cfg.conditional else 0,
-            )
-        )
+    names = ("channel_mult", "num_res_blocks", "dropout")
+    config = sgm.ModelConfig(channels=channels or cfg.channels, num_classes=10 * cfg.conditional,
+                             **{name: getattr(cfg, name) for name in names})  # fmt: skip
+    net = TutorialScoreNet() if model == "tutorial" else sgm.UNet(config)
     net = net.to(device).to(memory_format=torch.channels_last)
     sde, opt = sgm.VPSDE(), torch.optim.Adam(net.parameters(), 2e-4)
-    x = torch.randn(batch_size, 1, 28, 28, device=device).contiguous(
-        memory_format=torch.channels_last
-    )
+    shape = (batch_size, config.image_channels, config.image_size, config.image_size)
+    x = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
 
     def timed(fn):
@@ -1011,9 +969,7 @@ def speed_command(batch_size, channels, model, iters, device):
 
 
 @main.command("train-classifier")
-@click.option(
-    "--data", "data_spec", default="fashion-mnist", help="A labelled dataset, as train.py takes it."
-)
+@click.option("--data", "data_spec", default="fashion-mnist", help="A labelled dataset.")
 @click.option("--image-size", type=click.IntRange(1, 4096), help="As train.py's.")
 @click.option("--grayscale", is_flag=True, help="As train.py's.")
 @click.option("--data-root", type=click.Path(file_okay=False), default=data.DATA_DIR)
