@@ -411,6 +411,10 @@ def scan(folder):
 def load_folder(folder, root, size, grayscale, note):
     """A folder of images, decoded once: later runs read the cache under `root`, keyed by the
     files' names and bytes and by size and grayscale."""
+    real = os.path.realpath(folder)
+    if os.path.commonpath([os.path.realpath(root), real]) == real:
+        raise DataError(f"--data-root {root} lies inside --data {folder}: the cache would be "
+                        "written into your images; give another --data-root")  # fmt: skip
     paths, classes, labels = scan(folder)
     check_count(len(paths), folder)
     key = hashlib.sha256(repr((CACHE_VERSION, size, grayscale)).encode())

@@ -2125,6 +2125,8 @@ def test_own_images_train_resume_sample_inpaint_and_bpd(own_data, tmp_path, chea
     assert r.exit_code == 0 and "over 1 test images" in r.output, r.output
     r = invoke(evaluate.main, ["bpd", "--ckpt", tmp_path / "a", "--n", 1, "--data", own_data / "gray", "--data-root", root, "--device", "cpu"])
     assert r.exit_code == 1 and "gives 1x16x16 images, but" in r.output, r.output  # never another shape
+    r = invoke(train.main, [*args, "--data-root", pets / "cat", "--steps", 1, "--out", tmp_path / "c"])
+    assert r.exit_code == 1 and "lies inside --data" in r.output, r.output
     assert snapshot(own_data / "pets") == before
 
 
