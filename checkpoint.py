@@ -76,6 +76,7 @@ class TrainConfig:
     preset: str = "default"
     sde: str = "subvp"  # the shipped model's; the SDE study in docs/results.md favours it
     conditional: bool = False  # labels, dropped at label_dropout (guidance); both presets: True
+    classifier: bool = False  # a noise-conditional classifier p_t(y | x(t)), not a score model
     label_dropout: float = 0.1
     likelihood_weighting: bool = False
     noise_sampling: str = "uniform"  # of t: uniform, lognormal (EDM) or importance (see dsm_loss)
@@ -109,7 +110,8 @@ class TrainConfig:
             raise sgm.SGMError(f"unknown SDE {self.sde!r}; known: {', '.join(sgm.SDES)}")
         if self.preset not in PRESETS:
             raise sgm.SGMError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
-        for name in ("conditional", "likelihood_weighting", "amp", "grayscale", "flip"):
+        flags = ("conditional", "classifier", "likelihood_weighting", "amp", "grayscale", "flip")
+        for name in flags:
             if type(getattr(self, name)) is not bool:
                 raise sgm.SGMError(f"{name} must be true or false, not {getattr(self, name)!r}")
         for name, low, high in INT_RANGES:
@@ -166,6 +168,8 @@ PRESETS = {  # train.py --preset: what each changes from TrainConfig's defaults
 
 
 FORMAT = "sgm-checkpoint-1"
+NETWORKS = {"score": sgm.UNet, "classifier": sgm.NoiseClassifier}  # a checkpoint's "kind"
+KIND_NAMES = {"score": "score model", "classifier": "noise-conditional classifier"}
 
 
 class CheckpointError(sgm.SGMError):
@@ -220,6 +224,15 @@ class Checkpoint:
     extra: dict = field(default_factory=dict)
     resume: dict = None
 
+    @property
+    def kind(self):
+        """ "score" or "classifier" (a noise-conditional classifier, sgm.NoiseClassifier)."""
+        return "classifier" if isinstance(self.net, sgm.NoiseClassifier) else "score"
+
+    def classifier_fn(self):
+        """A classifier's logits(x, t), for sgm.classifier_guided_score."""
+        return lambda x, t: sgm.classifier_logits(self.net, self.sde, x, t)
+
     def score_fn(self, labels=None, guidance=0.0):
         """score_fn(x, t): unconditional without labels; else for labels (B,) with classifier-free
         guidance of weight `guidance`."""
@@ -271,6 +284,7 @@ def save(ckpt_path, ckpt, *, ema=None, optimizer=None, rng=None, log=None, half=
         weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
     state = {
         "format": FORMAT,
+        "kind": ckpt.kind,
         "config": asdict(ckpt.model_config),
         "sde": {"name": ckpt.sde.name, **asdict(ckpt.sde)},
         "data_range": tuple(ckpt.data_range),
@@ -285,10 +299,10 @@ def save(ckpt_path, ckpt, *, ema=None, optimizer=None, rng=None, log=None, half=
     files.save_torch(state, ckpt_path)
 
 
-def load(ckpt_path, device="cpu", use_ema=True):
+def load(ckpt_path, device="cpu", use_ema=True, kind="score"):
     """Load with weights_only=True, so a malicious file cannot run code, and check everything in
     it as strictly as train.py checks what is typed. Raises CheckpointError naming the file and
-    the problem."""
+    the problem. kind: the kind of network expected ("score", "classifier"; None: either)."""
     if not os.path.isfile(ckpt_path):
         raise CheckpointError(f"{ckpt_path}: no such checkpoint file")
     try:
@@ -303,11 +317,16 @@ def load(ckpt_path, device="cpu", use_ema=True):
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{ckpt_path}: not an sgm checkpoint (no '{FORMAT}' format tag)")
     try:
-        return from_state(state, device, use_ema)
+        ckpt = from_state(state, device, use_ema)
     except (KeyError, TypeError, AttributeError, RuntimeError, ValueError, IndexError,
             AssertionError, OverflowError, ZeroDivisionError) as e:  # fmt: skip
         what = "resume state" if isinstance(e, ResumeStateError) else "sgm checkpoint"
         raise CheckpointError(f"{ckpt_path}: damaged {what} ({cli.first_line(e)})") from None
+    if kind is not None and ckpt.kind != kind:
+        hint = " (sample.py takes it as --classifier)" if ckpt.kind == "classifier" else ""
+        raise CheckpointError(f"{ckpt_path} is a {KIND_NAMES[ckpt.kind]}, not a "
+                              f"{KIND_NAMES[kind]}{hint}")  # fmt: skip
+    return ckpt
 
 
 def from_state(state, device, use_ema):
@@ -317,8 +336,13 @@ def from_state(state, device, use_ema):
     sde = make_sde(state["sde"])
     if tuple(state["data_range"]) != sde.data_range:
         raise ValueError(f"data_range {state['data_range']!r} is not the SDE's {sde.data_range}")
-    check_network(model_config, (state["ema"], state["model"]))  # before it takes any memory
-    net = sgm.UNet(model_config).to(device)
+    kind = state.get("kind", "score")  # files of older versions: score models
+    if kind not in NETWORKS:
+        raise ValueError(f"kind {kind!r}; known: {', '.join(NETWORKS)}")
+    if kind == "classifier" and not model_config.num_classes:
+        raise ValueError("a classifier of no classes")
+    check_network(model_config, (state["ema"], state["model"]), NETWORKS[kind])  # no memory yet
+    net = NETWORKS[kind](model_config).to(device)
     is_ema = state["ema"] is not None and (use_ema or state["model"] is None)
     chosen, other = (state["ema"], state["model"]) if is_ema else (state["model"], state["ema"])
     if chosen is None:
@@ -382,12 +406,12 @@ def make_model_config(stored):
 MAX_PARAMETERS = 5 * 10**8  # 2 GB in fp32; the default preset's network has 6.19 M
 
 
-def check_network(config, stored=()):
+def check_network(config, stored=(), network=sgm.UNet):
     """The network `config` asks for, planned on the meta device (no memory, no random numbers):
     at most MAX_PARAMETERS parameters, and the names and shapes of each of the `stored` weights
     (None: absent) those of its state dict."""
     with torch.device("meta"):
-        plan = sgm.UNet(config)
+        plan = network(config)
     count = sum(p.numel() for p in plan.parameters())
     if count > MAX_PARAMETERS:
         raise ValueError(f"the network would have {count / 1e6:.0f} M parameters, above the "
@@ -521,7 +545,7 @@ def check_run_folder(out, resume, overwrite):
     steps, foreign = {}, []
     for name in [os.path.basename(path) for path in found if path.endswith(".pt")]:
         try:
-            steps[name] = load(os.path.join(out, name)).step
+            steps[name] = load(os.path.join(out, name), kind=None).step
         except CheckpointError:
             foreign.append(name)
     if foreign or not steps:
@@ -559,24 +583,26 @@ def start_run_folder(out, resume_step=None):
 
 
 def new_checkpoint(cfg, images, labels, classes, device):
-    """A fresh network (initialised from the seed) for this config and data (N, C, S, S). It
-    stores the class names and, when conditional, the class counts of its data, for
-    unconditional sampling (`Checkpoint.prior_labels`)."""
-    num_classes = len(classes) if cfg.conditional else 0
+    """A fresh network (initialised from the seed) for this config and data (N, C, S, S): a score
+    model, or with cfg.classifier a noise-conditional classifier of the classes. It stores the
+    class names and, when labelled, the class counts of its data, for unconditional sampling
+    (`Checkpoint.prior_labels`)."""
+    labelled = cfg.conditional or cfg.classifier
+    num_classes = len(classes) if labelled else 0
     model_config = sgm.ModelConfig(image_channels=images.shape[1], image_size=images.shape[2],
                                    channels=cfg.channels, channel_mult=cfg.channel_mult,
                                    num_res_blocks=cfg.num_res_blocks, dropout=cfg.dropout,
                                    num_classes=num_classes)  # fmt: skip
-    sde = cfg.make_sde()
+    sde, network = cfg.make_sde(), NETWORKS["classifier" if cfg.classifier else "score"]
     try:
-        check_network(model_config)
+        check_network(model_config, network=network)
     except ValueError as e:
         raise sgm.SGMError(str(e)) from None
-    net = sgm.UNet(model_config).to(device)
+    net = network(model_config).to(device)
     ckpt = Checkpoint(net, sde, sde.data_range, model_config, cfg)
     if classes:
         ckpt.extra["classes"] = list(classes)
-    if cfg.conditional:
+    if labelled:
         ckpt.extra["class_counts"] = torch.bincount(labels, minlength=num_classes).tolist()
     return ckpt
 
@@ -601,3 +627,20 @@ def training_state(ckpt, cfg, device, rank, path):
         else:  # other ranks: a fresh stream per rank and step
             torch.manual_seed(cfg.seed * 1000 + rank + ckpt.step)
     return ema, optimizer
+
+
+def check_guidance_pair(score, classifier, score_path, classifier_path):
+    """A noise-conditional classifier can guide a score model only if it was trained for the same
+    SDE (its numbers too), the same image shape and the same classes, in order (an unconditional
+    model of unlabelled data has no classes to compare)."""
+    sde_text = lambda sde: f"{sde.name} ({', '.join(f'{k} {v:g}' for k, v in asdict(sde).items())})"
+    classes = score.extra.get("classes")
+    classes = score.classes if classes is None and score.model_config.num_classes else classes
+    for what, theirs, ours in (
+        ("SDE", sde_text(classifier.sde), sde_text(score.sde)),
+        ("images", data.shape_text(classifier.shape), data.shape_text(score.shape)),
+        ("classes", ", ".join(classifier.classes), classes and ", ".join(classes)),
+    ):
+        if ours is not None and theirs != ours:
+            raise CheckpointError(f"{classifier_path} cannot guide {score_path}: its {what} "
+                                  f"({theirs}) are not the score model's ({ours})")  # fmt: skip

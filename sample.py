@@ -11,6 +11,8 @@ Sample from a trained score-based model with any solver.
     python sample.py --label sneaker --guidance 2 --n 16    # class-conditional models
     python sample.py --inpaint left --from-test 0 --n 8     # fill in the left half of test images
     python sample.py --interpolate 0 1 --n 10               # morph test image 0 into image 1
+    python sample.py --classifier runs/clf --label sneaker  # classifier guidance (eq. 14)
+    python sample.py --ckpt runs/rgb --colorize --n 8       # colour gray test images (RGB models)
 
 Test images are those of the checkpoint's dataset (its test split), or of --data.
 """
@@ -32,7 +34,7 @@ import sgm
 
 console = Console(file=cli.ConsoleStream(), soft_wrap=True)  # a closed pipe costs no result
 MASKS = ("left", "right", "top", "bottom", "center", "random")
-N_DEFAULT = {"sample": 64, "inpaint": 8, "interpolate": 10}
+N_DEFAULT = {"sample": 64, "inpaint": 8, "interpolate": 10, "colorize": 8}
 STEPS = {name: "adaptive" if name == "ode" else s.steps for name, s in sgm.SOLVERS.items()}
 SOLVER_OPTIONS = {solver: cli.solver_options(solver) for solver in sgm.SOLVERS}  # with defaults
 SOLVER_FLAGS = {"predictor": "Predictor", "corrector": "Corrector", "snr": "Signal-to-noise ratio",
@@ -164,14 +166,18 @@ def interpolate(score_fn, sde, x_a, x_b, n=8, **kwargs):
 @click.option("--label", help="Class index or name (sneaker, ankle-boot, ...), 'all' (a row per "
               "class) or 'none' (the dropped label) [drawn from the class prior].")  # fmt: skip
 @click.option("--guidance", type=cli.Number(0, 1e3), help="Guidance w [1 with --label, else 0].")
+@click.option("--classifier", "classifier_path", type=click.Path(), help="A noise-conditional "
+              "classifier (train.py --classifier) that guides --label (eq. 14).")  # fmt: skip
+@click.option("--classifier-scale", type=cli.Number(0, 1e3), help="Its weight w [1: the paper's].")
 @click.option("--inpaint", type=click.Choice(MASKS), help="Fill in part of test images [pc].")
+@click.option("--colorize", is_flag=True, help="Colour gray versions of test images (RGB models).")
 @click.option("--from-test", type=click.IntRange(0, 9999), default=0, help="First test image.")
 @click.option("--interpolate", "pair", type=click.IntRange(0, 9999), nargs=2,
               help="Morph test image A into B.")  # fmt: skip
 @click.option(
     "--data",
     "data_spec",
-    help="Test images for --inpaint/--interpolate: a dataset "
+    help="Test images for --inpaint/--colorize/--interpolate: a dataset "
     "as train.py takes it [the checkpoint's].",
 )
 @click.option(
@@ -181,13 +187,18 @@ def interpolate(score_fn, sde, x_a, x_b, n=8, **kwargs):
     help="Where named datasets are, and folders' decoded images cached.",
 )
 def main(ckpt_path, solver, n, steps, eps, seed, device, ema, batch_size, out, label, guidance,
-         inpaint, from_test, pair, data_spec, data_root, **flags):  # fmt: skip
+         classifier_path, classifier_scale, inpaint, colorize, from_test, pair, data_spec,
+         data_root, **flags):  # fmt: skip
     """Sample images from a score-based model (Song et al. 2021)."""
     # Configure: the task, the solver and its options, the output; all checked before any work
-    mode = "inpaint" if inpaint else "interpolate" if pair else "sample"
+    if sum(map(bool, (inpaint, colorize, pair))) > 1:
+        raise click.ClickException("give one of --inpaint, --colorize and --interpolate")
+    mode = "inpaint" if inpaint else "colorize" if colorize else "interpolate" if pair else "sample"
+    check_classifier_flags(classifier_path, classifier_scale, label, guidance, mode)
     if mode == "interpolate" and solver not in (None, "ode"):  # the ODE encodes and decodes
         console.print(f"note: --interpolate uses the ODE, not {solver}")
-    solver = "ode" if mode == "interpolate" else solver or ("pc" if inpaint else "dpmpp_2m_sde")
+    imputes = mode in ("inpaint", "colorize")
+    solver = "ode" if mode == "interpolate" else solver or ("pc" if imputes else "dpmpp_2m_sde")
     given = {name: flags[name] for name in SOLVER_FLAGS if flags[name] is not None}
     options = {name: value for name, value in given.items() if name in SOLVER_OPTIONS[solver]}
     cli.check_solver_options({**SOLVER_OPTIONS[solver], **options}, flags=True)
@@ -196,8 +207,8 @@ def main(ckpt_path, solver, n, steps, eps, seed, device, ema, batch_size, out, l
         raise click.ClickException(f"--out {out}: the suffix must be .png, .npz or .gif")
     if mode != "sample" and suffix != ".png":
         raise click.ClickException(f"--{mode} writes a .png grid; got --out {out}")
-    if mode == "inpaint" and solver not in sgm.INPAINTING_SOLVERS:
-        raise click.ClickException("--inpaint needs a solver that re-noises every step ("
+    if imputes and solver not in sgm.INPAINTING_SOLVERS:
+        raise click.ClickException(f"--{mode} needs a solver that re-noises every step ("
                                    f"{', '.join(sgm.INPAINTING_SOLVERS)})")  # fmt: skip
     if mode == "interpolate" and label not in (None, "none"):
         raise click.ClickException("--interpolate decodes without labels: drop --label")
@@ -212,23 +223,38 @@ def main(ckpt_path, solver, n, steps, eps, seed, device, ema, batch_size, out, l
     cli.check_not_input(out, [ckpt_path])
     ckpt = checkpoint.load(ckpt_path, device, use_ema=ema)
     cli.check_solver_runs(ckpt.sde, solver, options)  # ancestral on sub-VP: refused before work
+    if mode == "colorize" and ckpt.shape[0] != 3:
+        raise click.ClickException(f"--colorize needs an RGB model; {ckpt_path} is for "
+                                   f"{data.shape_text(ckpt.shape)} images")  # fmt: skip
     n, steps = n or N_DEFAULT[mode], steps or sgm.SOLVERS[solver].steps
-    labels, labels_used = make_labels(label, ckpt, n, mode, seed)
+    clf = None
+    if classifier_path:  # eq. 14 with a classifier: the model's unconditional score, plus w grad
+        classifier_path = cli.find_checkpoint(classifier_path)
+        clf = checkpoint.load(classifier_path, device, use_ema=ema, kind="classifier")
+        checkpoint.check_guidance_pair(ckpt, clf, ckpt_path, classifier_path)
+    labels, labels_used = make_labels(label, clf or ckpt, n, mode, seed)
     if labels is None and guidance:
         raise click.ClickException("--guidance needs labels (a conditional model, no --label none)")
-    if labels is not None:  # w = 1 for a label asked for, else 0
+    if clf is not None:
+        classifier_scale = 1.0 if classifier_scale is None else classifier_scale
+        score = "the dropped label's" if ckpt.model_config.num_classes else "the unconditional"
+        labels, n = labels.to(device), len(labels)
+        labels_used += f" by the classifier, w = {classifier_scale:g}, on {score} score"
+    elif labels is not None:  # w = 1 for a label asked for, else 0
         guidance = guidance if guidance is not None else float(label is not None)
         labels, n, labels_used = labels.to(device), len(labels), f"{labels_used}, w = {guidance:g}"
-    nrow = n // ckpt.model_config.num_classes if label == "all" else min(n, 8)
+    nrow = n // (clf or ckpt).model_config.num_classes if label == "all" else min(n, 8)
     shape = ckpt.shape
     if mode != "sample":  # the images to inpaint, or A and B
         images = test_images(ckpt, data_spec, data_root)
-        last = from_test + n - 1 if mode == "inpaint" else max(pair)
+        last = max(pair) if mode == "interpolate" else from_test + n - 1
         if last >= len(images):
-            what = f"--from-test {from_test} --n {n}" if mode == "inpaint" else "--interpolate"
+            what = "--interpolate" if mode == "interpolate" else f"--from-test {from_test} --n {n}"
             raise click.ClickException(f"{what} runs past the {len(images)} test images")
         index = list(pair) if mode == "interpolate" else slice(from_test, from_test + n)
         test = data.to_model_range(images[index], ckpt.data_range).to(device)
+    if mode == "colorize":  # rows of n: the test images, their gray versions, the colourings
+        gray, nrow = test.mean(1, keepdim=True).expand_as(test), n
     if mode == "inpaint":  # rows of n: the test images, their known part, the filled-in images
         mask, nrow = make_mask(inpaint, shape, torch.Generator().manual_seed(seed)).to(device), n
     console.print(f"{solver}: {labels_used}", highlight=False)
@@ -254,11 +280,20 @@ def main(ckpt_path, solver, n, steps, eps, seed, device, ema, batch_size, out, l
                     shown = (info["x"][:64], info["denoised"][:64])
                     frames.append(tuple(data.to_uint8(v, ckpt.data_range).cpu() for v in shown))
 
-            score_fn = ckpt.score_fn(None if labels is None else labels[lo:hi], guidance)
-            inputs = dict(known=test[lo:hi], mask=mask) if mode == "inpaint" else {}
-            outputs.append(sgm.sample(score_fn, ckpt.sde, (hi - lo, *shape), solver, steps, eps=eps,
-                                      generator=generator, device=device, callback=callback,
-                                      **options, **inputs))  # fmt: skip
+            if clf is not None:
+                score_fn = sgm.classifier_guided_score(ckpt.score_fn(), clf.classifier_fn(),
+                                                       labels[lo:hi], classifier_scale)  # fmt: skip
+            else:
+                score_fn = ckpt.score_fn(None if labels is None else labels[lo:hi], guidance)
+            common = dict(eps=eps, generator=generator, device=device, callback=callback, **options)
+            if mode == "colorize":
+                outputs.append(
+                    sgm.colorize(score_fn, ckpt.sde, gray[lo:hi], solver, steps, **common)
+                )
+            else:
+                inputs = dict(known=test[lo:hi], mask=mask) if mode == "inpaint" else {}
+                outputs.append(sgm.sample(score_fn, ckpt.sde, (hi - lo, *shape), solver, steps,
+                                          **common, **inputs))  # fmt: skip
             progress.update(task, completed=c + 1)
             if not console.is_terminal:  # redirected: the bar shows nothing until the end
                 console.print(f"{solver}: {hi} of {n} images", highlight=False)
@@ -266,6 +301,8 @@ def main(ckpt_path, solver, n, steps, eps, seed, device, ema, batch_size, out, l
     x, nfe, wall = torch.cat(xs), sum(nfes) / len(nfes), time.time() - start
     if mode == "inpaint":
         x = torch.stack([test, mask * test + (1 - mask) * ckpt.data_range[1], x]).flatten(0, 1)
+    if mode == "colorize":
+        x = torch.stack([test, gray, x]).flatten(0, 1)
 
     # Write: a grid, an array, or the reverse process (~50 frames, then the samples)
     if suffix == ".png":
@@ -279,6 +316,21 @@ def main(ckpt_path, solver, n, steps, eps, seed, device, ema, batch_size, out, l
     source = f"from {ckpt_path}" if mode == "sample" else f"{mode}, from {ckpt_path}"
     console.print(f"[bold]{solver}[/]: {n} images, {nfe:.0f} NFE per sample, {wall:.1f} s, "
                   f"{n / wall:.2f} img/s on {device} -> {out} ({source})")  # fmt: skip
+
+
+def check_classifier_flags(classifier_path, scale, label, guidance, mode):
+    """Classifier guidance needs a label to steer to, and takes no classifier-free --guidance."""
+    if classifier_path is None:
+        if scale is not None:
+            raise click.ClickException("--classifier-scale weighs --classifier: give one")
+        return
+    if label in (None, "none"):
+        raise click.ClickException("--classifier needs --label: the class it steers to")
+    if guidance is not None:
+        raise click.ClickException("--guidance is classifier-free guidance; with --classifier, "
+                                   "--classifier-scale weighs the classifier")  # fmt: skip
+    if mode == "interpolate":
+        raise click.ClickException("--interpolate decodes without labels: drop --classifier")
 
 
 if __name__ == "__main__":

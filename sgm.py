@@ -4,12 +4,14 @@ Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole, ICLR 2021 (arXiv:2011.13456)
 to bottom beside the paper. Nothing is used before it is defined:
 
     1 SDEs        VE, VP, sub-VP (eqs. 9, 11, section 3.4); the reverse SDE (eq. 6) and ODE (13)
-    2 model       a time-conditioned U-Net, preconditioned, and the one place it becomes a score
-    3 loss        denoising score matching (eq. 7), then how t is drawn and weighted
+    2 model       a time-conditioned U-Net, preconditioned, and the one place it becomes a score;
+                  its encoder as the noise-conditional classifier p_t(y | x(t)) of eq. 14
+    3 loss        denoising score matching (eq. 7), t drawn and weighted; classifier cross-entropy
     4 numerics    Dormand-Prince 5(4), for the ODE sampler and the likelihood
     5 samplers    time grids; predictor-corrector (Algorithm 1), the probability-flow ODE; then
                   EDM's Heun and stochastic samplers, DPM-Solver++(2M) with and without noise
-    6 sample      the solver table and `sample`; inpainting (appendix I.2), guidance (eq. 14)
+    6 sample      the solver table, `sample`; imputation: inpainting, colorization (appendix I);
+                  classifier-free and classifier guidance (eq. 14)
     7 likelihood  log-likelihood (appendix D.2), bits/dim, encode and decode (section 4.3)
 
 Samplers take any `score_fn(x, t)`, so test_sgm.py drives them with exact Gaussian scores; their
@@ -282,7 +284,7 @@ class UNet(nn.Module):
     """A DDPM-style U-Net: Fourier time features, residual blocks, skip connections between
     matching resolutions, self-attention at the lowest one, an optional label embedding."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, decoder=True):
         super().__init__()
         self.config = config
         ch, E, levels = config.channels, 4 * config.channels, len(config.channel_mult)
@@ -290,7 +292,7 @@ class UNet(nn.Module):
         fourier = GaussianFourierFeatures(256, config.fourier_scale)  # 128 frequencies at any width
         self.time_embed = nn.Sequential(fourier, nn.Linear(256, E), nn.SiLU(), nn.Linear(E, E))
         labels = config.num_classes + 1  # the last one is "no label"
-        self.label_embed = nn.Embedding(labels, E) if config.num_classes else None
+        self.label_embed = nn.Embedding(labels, E) if config.num_classes and decoder else None
         self.conv_in = nn.Conv2d(config.image_channels, ch, 3, padding=1)
         block = lambda in_ch, out_ch: ResBlock(in_ch, out_ch, E, config.dropout)
         self.down, skip_channels, cur = nn.ModuleList(), [ch], ch
@@ -304,18 +306,19 @@ class UNet(nn.Module):
                 skip_channels.append(cur)
         attention = SelfAttention(cur) if config.attention else nn.Identity()
         self.mid = nn.ModuleList([block(cur, cur), attention, block(cur, cur)])
-        self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(config.channel_mult))):
+        self.width, self.up = cur, nn.ModuleList()
+        for level, mult in reversed(list(enumerate(config.channel_mult)) if decoder else []):
             for _ in range(config.num_res_blocks + 1):
                 self.up.append(block(cur + skip_channels.pop(), ch * mult))
                 cur = ch * mult
             if level > 0:
                 upsample = nn.Upsample(scale_factor=2, mode="nearest")
                 self.up.append(nn.Sequential(upsample, nn.Conv2d(cur, cur, 3, padding=1)))
-        self.norm_out = group_norm(cur)
-        self.conv_out = nn.Conv2d(cur, config.image_channels, 3, padding=1)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        if decoder:  # the noise-conditional classifier keeps the encoder only
+            self.norm_out = group_norm(cur)
+            self.conv_out = nn.Conv2d(cur, config.image_channels, 3, padding=1)
+            nn.init.zeros_(self.conv_out.weight)
+            nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x, t, labels=None):
         """x (B, C, H, W), t (B,), labels (B,) in [-1, num_classes), -1 for none -> (B, C, H, W)."""
@@ -357,6 +360,23 @@ def score_model(net, sde):
         return -predict_noise(net, sde, x, t, labels) / append_dims(sde.std(t), x.ndim)
 
     return score
+
+
+class NoiseClassifier(UNet):
+    """The time-dependent classifier p_t(y | x(t)) of eq. 14 (appendix I.1): the U-Net's time
+    embedding, down and middle blocks (no labels in, no decoder), then a head on pooled features."""
+
+    def __init__(self, config: ModelConfig):  # config.num_classes: the classes it tells apart
+        super().__init__(config, decoder=False)
+        pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())  # UNet.forward ends in conv_out
+        self.norm_out = group_norm(self.width)
+        self.conv_out = nn.Sequential(pool, nn.Linear(self.width, config.num_classes))  # logits
+
+
+def classifier_logits(net, sde, x, t):
+    """The classifier's logits (B, classes) at x(t), scaled by c_in as in predict_noise."""
+    a, std = sde.mean_scale(t), sde.std(t)
+    return net(x * append_dims((a**2 * SIGMA_DATA**2 + std**2).rsqrt(), x.ndim), t)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -404,20 +424,24 @@ def training_times(sde, batch, noise_sampling, eps, device, likelihood_weighting
     return t, (g2_over_var(t) if likelihood_weighting else 1) / ((sde.T - eps) * density)
 
 
+def classifier_loss(net, sde, x, labels, eps=1e-5, noise_sampling="uniform"):
+    """Cross-entropy of the noise-conditional classifier on x(t) = a x + std z from the kernel,
+    with t drawn as for eq. 7 by `training_times` (unweighted: fit under that law of t)."""
+    t = training_times(sde, len(x), noise_sampling, eps, x.device)[0]
+    mean, std = sde.marginal_prob(x, t)
+    x_t = mean + append_dims(std, x.ndim) * torch.randn_like(x)
+    return F.cross_entropy(classifier_logits(net, sde, x_t, t).float(), labels)
+
+
 # ------------------------------------------------------------------------------------------------
 # 4. Numerics: Dormand-Prince 5(4) (Dormand & Prince 1980), for the ODE sampler and the likelihood.
 # The 7th stage is at the new point (first same as last).
 
 DOPRI_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
-DOPRI_A = (
-    (),
-    (1 / 5,),
-    (3 / 40, 9 / 40),
-    (44 / 45, -56 / 15, 32 / 9),
-    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
-)
+DOPRI_A = ((), (1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
+           (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+           (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+           (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84))  # fmt: skip
 DOPRI_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
 DOPRI_ERR = tuple(b5 - b4 for b5, b4 in zip(DOPRI_A[6] + (0.0,), DOPRI_B4, strict=True))
 
@@ -736,34 +760,43 @@ class CountedScore:
         return self.score_fn(x, t)
 
 
-def replace_known(sde, known, mask, generator=None):
+def impute(x, known, mask, matrix=None):
+    """x where mask == 0, `known` where mask == 1 (appendix I.2); with an orthonormal `matrix` M
+    (C, C) in the decoupled space x M over channels, then back by M^T = M^-1 (colorization)."""
+    mix = lambda v, m: v if m is None else torch.einsum("bi...,ij->bj...", v, m.to(v))
+    x = mask * mix(known, matrix) + (1 - mask) * mix(x, matrix)
+    return mix(x, None if matrix is None else matrix.T)
+
+
+def replace_known(sde, known, mask, generator=None, matrix=None):
     """Imputation (appendix I.2): known coordinates (mask == 1) of x(t) become a(t) y + std(t) z,
-    from the first step on (the official code starts them clean)."""
+    from the first step on (the official code starts them clean); with a `matrix`, in x M."""
 
     def project(x, t):
         t = torch.full((x.shape[0],), float(t), device=x.device)
         mean, std = sde.marginal_prob(known, t)
-        return mask * (mean + append_dims(std, x.ndim) * randn_like(x, generator)) + (1 - mask) * x
+        return impute(x, mean + append_dims(std, x.ndim) * randn_like(x, generator), mask, matrix)
 
     return project
 
 
 def sample(score_fn, sde, shape, solver="pc", steps=None, *, eps=1e-3, generator=None,
-           device=None, callback=None, x_T=None, known=None, mask=None, **options):  # fmt: skip
+           device=None, callback=None, x_T=None, known=None, mask=None, matrix=None,
+           **options):  # fmt: skip
     """Samples of `shape`, solving the reverse process from T to eps, and the NFE. options: the
     solver's keyword arguments (a wrong one is a TypeError). x_T: start here, not at a prior draw
-    (decoding). known, mask: inpainting, see `inpaint`."""
+    (decoding). known, mask, matrix: imputation, see `inpaint` and `colorize`."""
     spec = SOLVERS[solver]
     counted = CountedScore(score_fn)
     x = sde.prior_sampling(shape, generator, device) if x_T is None else x_T
     ts = spec.grid(sde, spec.steps if steps is None else steps, eps, device=x.device)
     assert len(ts) > 1, f"at least one step, not {steps}"
     if known is not None:  # only solvers that re-noise every step take `project`
-        options["project"] = replace_known(sde, known, mask, generator)
+        options["project"] = replace_known(sde, known, mask, generator, matrix)
         x = options["project"](x, ts[0])
     x = spec.sample(counted, sde, x, ts, generator=generator, callback=callback, **options)
     if known is not None:
-        x = mask * known + (1 - mask) * x
+        x = impute(x, known, mask, matrix)
     if not torch.isfinite(x).all():  # NaN would be written as black pixels without a word
         raise SGMError(f"{solver} produced non-finite values: the model or the settings diverge")
     return x, counted.nfe
@@ -773,6 +806,17 @@ def inpaint(score_fn, sde, known, mask, solver="pc", steps=None, **kwargs):
     """Fill in the pixels where mask == 0, given `known` (B, ...) where mask == 1. -> (x, nfe)"""
     kwargs.setdefault("device", known.device)
     return sample(score_fn, sde, known.shape, solver, steps, known=known, mask=mask, **kwargs)
+
+
+# get_pc_colorizer's M: orthonormal, column 0 (1, 1, 1) / sqrt 3, so channel 0 of x M is the gray
+COLOR_MATRIX = torch.tensor([[2**0.5, -2, 0], [2**0.5, 1, 3**0.5], [2**0.5, 1, -(3**0.5)]]) / 6**0.5
+
+
+def colorize(score_fn, sde, gray, solver="pc", steps=None, matrix=COLOR_MATRIX, **kwargs):
+    """Colorization (appendix I): RGB images (B, 3, H, W) with the gray level of `gray` (R = G = B
+    or any RGB image), channel 0 of x M, imputed in the decoupled space. -> (x, nfe)"""
+    mask = torch.tensor([1.0, 0.0, 0.0], device=gray.device)[:, None, None]  # known: channel 0
+    return inpaint(score_fn, sde, gray, mask, solver, steps, matrix=matrix, **kwargs)
 
 
 def guided_score(score, labels, w):
@@ -789,6 +833,13 @@ def guided_score(score, labels, w):
         return (1 + w) * cond - w * uncond
 
     return score_fn
+
+
+def classifier_guided_score(score_fn, classifier, labels, w=1.0):
+    """Eq. 14: s(x, t) + w grad_x log p_t(y | x(t)) for classifier(x, t) -> logits (B, classes), a
+    score for any solver. w = 1 is the paper's; w > 1 sharpens p_t(y | x) (Dhariwal & Nichol)."""
+    log_p = lambda x, t: F.log_softmax(classifier(x, t).float(), 1).gather(1, labels[:, None]).sum()
+    return lambda x, t: score_fn(x, t) + w * torch.func.grad(log_p)(x, t).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -840,9 +891,8 @@ def bits_per_dim(score_fn, sde, images, data_range=(-1.0, 1.0), *, generator=Non
 def encode(score_fn, sde, x, *, eps=1e-3, rtol=1e-5, atol=1e-5):
     """Data -> latent x(T) through the probability-flow ODE, run forwards. Returns (z, nfe)."""
     counted = CountedScore(score_fn)
-    return sample_ode(
-        counted, sde, x, torch.tensor([eps, sde.T]), rtol=rtol, atol=atol
-    ), counted.nfe
+    z = sample_ode(counted, sde, x, torch.tensor([eps, sde.T]), rtol=rtol, atol=atol)
+    return z, counted.nfe
 
 
 def decode(score_fn, sde, z, *, eps=1e-3, rtol=1e-5, atol=1e-5):

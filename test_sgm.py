@@ -2248,3 +2248,233 @@ def test_fd_feature_network_for_own_data(own_data, tmp_path, few_test_images):
 def test_old_checkpoints_are_fashion_mnist():
     ckpt = checkpoint.load(cli.SHIPPED)
     assert ckpt.train_config.data == "fashion-mnist" and ckpt.classes == data.FASHION and ckpt.shape == (1, 28, 28)
+
+
+# ---------------------------------------------------------------- noise-conditional classifier (eq. 14) and colorization
+
+def two_gaussians(sde, means, s, prior):
+    """For data from sum_y prior[y] N(means[y], s^2 I): the exact logits of p_t(y | x(t)) (up to a constant), the
+    exact class-conditional score s(x, t, y) and the exact mixture score s(x, t), x of shape (B, ...)."""
+    def per_class(x, t):  # log p_t(x, y) - const (B, 2) and the scores (2, B, ...)
+        a = sgm.append_dims(sde.mean_scale(t), x.ndim)
+        var = sgm.append_dims(marginal_var(sde, t, s ** 2), x.ndim)
+        diffs = torch.stack([x - a * m for m in means])
+        log_joint = torch.stack([math.log(p) - (d ** 2 / (2 * var)).flatten(1).sum(1) for p, d in zip(prior, diffs)], 1)
+        return log_joint, -diffs / var
+    def logits(x, t):
+        return per_class(x, t)[0]
+    def conditional(x, t, labels):
+        return per_class(x, t)[1][labels, torch.arange(len(x))]
+    def mixture(x, t):
+        log_joint, scores = per_class(x, t)
+        weights = torch.softmax(log_joint, 1).T  # p_t(y | x), (2, B)
+        return (sgm.append_dims(weights, scores.ndim) * scores).sum(0)
+    return logits, conditional, mixture
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_classifier_guidance_with_the_exact_classifier_is_the_exact_conditional_score(sde):
+    """Eq. 14: s(x, t) + grad log p_t(y | x) = grad log p_t(x | y) exactly, at w = 1, for any t; other w differ."""
+    means, prior = [torch.tensor([-1.0, 0.5, 0.0]), torch.tensor([1.0, 0.0, 2.0])], (0.3, 0.7)
+    logits, conditional, mixture = two_gaussians(sde, means, 0.4, prior)
+    g = torch.Generator().manual_seed(0)
+    x, t = 3 * torch.randn(64, 3, generator=g), 1e-3 + torch.rand(64, generator=g)
+    labels = torch.randint(0, 2, (64,), generator=g)
+    with torch.no_grad():  # as the samplers call it
+        guided = sgm.classifier_guided_score(mixture, logits, labels)(x, t)
+        doubled = sgm.classifier_guided_score(mixture, logits, labels, 2.0)(x, t)
+    exact = conditional(x, t, labels)
+    assert (guided - exact).abs().max() < 1e-4 * (1 + exact.abs().max())
+    assert (doubled - exact).abs().max() > 0.1
+    x0, _ = sgm.sample(sgm.classifier_guided_score(mixture, logits, torch.zeros(500, dtype=torch.long)), sde, (500, 3), "heun", 30,
+                       generator=torch.Generator().manual_seed(1))  # the sampler gets class 0 alone
+    assert (x0.mean(0) - means[0]).abs().max() < 0.15
+
+
+def test_classifier_trained_by_the_loss_approaches_the_exact_posterior():
+    """A tiny NoiseClassifier trained with classifier_loss on two Gaussian classes of 1x8x8 images: its p_t(y | x(t))
+    comes close to the exact posterior at every noise level, far closer than knowing nothing (p = prior)."""
+    sde, s, prior = sgm.VPSDE(), 0.5, (0.5, 0.5)
+    means = [torch.full((1, 8, 8), -0.15), torch.full((1, 8, 8), 0.15)]
+    logits, _, _ = two_gaussians(sde, means, s, prior)
+    torch.manual_seed(0)
+    net = sgm.NoiseClassifier(tiny_config(num_classes=2, image_size=8, channel_mult=(1,)))
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(500):
+        labels = torch.randint(0, 2, (128,))
+        x = torch.stack(means)[labels] + s * torch.randn(128, 1, 8, 8)
+        loss = sgm.classifier_loss(net, sde, x, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 2, (2000,), generator=g)
+    x0 = torch.stack(means)[labels] + s * torch.randn(2000, 1, 8, 8, generator=g)
+    t = 0.02 + 0.9 * torch.rand(2000, generator=g)
+    mean, std = sde.marginal_prob(x0, t)
+    xt = mean + std[:, None, None, None] * torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        learned = torch.softmax(sgm.classifier_logits(net.eval(), sde, xt, t), 1)[:, 1]
+    exact = torch.softmax(logits(xt, t), 1)[:, 1]
+    error, baseline = (learned - exact).abs().mean(), (prior[1] - exact).abs().mean()
+    print(f"\nclassifier: mean |p - p_exact| {error:.3f}, knowing nothing {baseline:.3f}")
+    assert error < 0.3 * baseline
+
+
+def gray_level(x):
+    """(R + G + B) / sqrt 3 of images (B, 3, H, W): channel 0 of the decoupled colour space."""
+    return x.sum(1) / 3 ** 0.5
+
+
+def colorization_keeps_gray(sde, matrix=sgm.COLOR_MATRIX, pixel_space=False):
+    """Colorize RGB images with an exact Gaussian score (pc, a few steps); whether the outputs keep each input's gray
+    level exactly. pixel_space: impute channel 0 in pixel space instead (the mask in the wrong space)."""
+    g = torch.Generator().manual_seed(0)
+    gray = (0.5 * torch.randn(4, 1, 4, 4, generator=g)).expand(4, 3, 4, 4)  # R = G = B
+    score = lambda x, t: -x / sgm.append_dims(marginal_var(sde, t, 0.25), x.ndim)
+    if pixel_space:
+        mask = torch.tensor([1.0, 0.0, 0.0])[:, None, None]
+        x, _ = sgm.inpaint(score, sde, gray, mask, "pc", 5, generator=g)
+    else:
+        x, _ = sgm.colorize(score, sde, gray, "pc", 5, matrix=matrix, generator=g)
+    assert x.shape == gray.shape and not torch.allclose(x[:, 0], x[:, 1])  # coloured: the channels differ
+    return bool((gray_level(x) - gray_level(gray)).abs().max() < 1e-5)
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_colorization_keeps_each_gray_level_exactly(sde):
+    """Appendix I: imputation of channel 0 of x M, M orthonormal with first column (1, 1, 1) / sqrt 3. The check fails
+    with a matrix that is not orthonormal, or with the mask in pixel space."""
+    M = sgm.COLOR_MATRIX
+    assert torch.allclose(M.T @ M, torch.eye(3), atol=1e-6) and torch.allclose(M[:, 0], torch.full((3,), 3 ** -0.5))
+    assert colorization_keeps_gray(sde)
+    skewed = M.clone()
+    skewed[:, 1] += M[:, 0]  # the same gray column, no longer orthonormal
+    assert not colorization_keeps_gray(sde, matrix=skewed)
+    assert not colorization_keeps_gray(sde, pixel_space=True)
+
+
+@pytest.fixture(scope="module")
+def guidance_ckpts(tmp_path_factory, own_data):
+    """Untrained noise-conditional classifiers beside tiny.pt's kind of score model (VP, 1x28x28, FashionMNIST's
+    classes): a matching one, ones of another SDE, shape and classes; an unconditional VP score model; an RGB one of
+    own_data's .npz (3x16x16)."""
+    folder = tmp_path_factory.mktemp("guide")
+    def save(name, net, sde, extra=None, **train):
+        ckpt = checkpoint.Checkpoint(net, sde, sde.data_range, net.config, checkpoint.TrainConfig(sde=sde.name, **train))
+        ckpt.extra.update(extra or {})
+        checkpoint.save(folder / name, ckpt, ema=checkpoint.EMA(net))
+    torch.manual_seed(0)
+    save("clf.pt", randomize(sgm.NoiseClassifier(tiny_config(num_classes=10))), sgm.VPSDE(), classifier=True)
+    save("clf_subvp.pt", sgm.NoiseClassifier(tiny_config(num_classes=10)), sgm.SubVPSDE(), classifier=True)
+    save("clf_8px.pt", sgm.NoiseClassifier(tiny_config(num_classes=10, image_size=8)), sgm.VPSDE(), classifier=True)
+    save("clf_digits.pt", sgm.NoiseClassifier(tiny_config(num_classes=10)), sgm.VPSDE(), {"classes": list("0123456789")},
+         classifier=True)
+    save("uncond.pt", randomize(sgm.UNet(tiny_config())), sgm.VPSDE())
+    save("rgb.pt", randomize(sgm.UNet(tiny_config(image_channels=3, image_size=16))), sgm.VPSDE(),
+         data=str(own_data / "set.npz"))
+    return folder
+
+
+@pytest.mark.parametrize("solver", list(sgm.SOLVERS))
+def test_sample_cli_classifier_guidance_with_every_solver(tiny_ckpt, guidance_ckpts, tmp_path, solver):
+    """--classifier --label --classifier-scale steers the dropped label's score of a conditional model, and the score
+    of an unconditional one, with every solver."""
+    import numpy as np
+    for model, score in ((tiny_ckpt / "tiny.pt", "dropped label's"), (guidance_ckpts / "uncond.pt", "unconditional")):
+        r = run_sample("--ckpt", model, "--classifier", guidance_ckpts / "clf.pt", "--label", "sneaker", "--classifier-scale", 3,
+                       "--solver", solver, "--steps", 2, "--rtol", 1e-2, "--atol", 1e-2, "--n", 3, "--out", tmp_path / "g.npz")
+        assert r.exit_code == 0, r.output
+        assert f"label sneaker by the classifier, w = 3, on the {score} score" in r.output, r.output
+        assert (np.load(tmp_path / "g.npz")["labels"] == 7).all()
+
+
+def test_classifier_guidance_changes_the_samples_and_defaults_to_w_1(tiny_ckpt, guidance_ckpts, tmp_path):
+    import numpy as np
+    common = ["--ckpt", tiny_ckpt / "tiny.pt", "--solver", "em", "--steps", 3, "--n", 2, "--label", "bag"]
+    assert run_sample(*common, "--label", "none", "--out", tmp_path / "plain.npz").exit_code == 0
+    r = run_sample(*common, "--classifier", guidance_ckpts / "clf.pt", "--out", tmp_path / "guided.npz")
+    assert r.exit_code == 0 and "w = 1," in r.output, r.output
+    r = run_sample(*common, "--classifier", guidance_ckpts / "clf.pt", "--classifier-scale", 0, "--out", tmp_path / "w0.npz")
+    assert r.exit_code == 0, r.output
+    plain, guided, w0 = (np.load(tmp_path / f"{name}.npz")["images"] for name in ("plain", "guided", "w0"))
+    assert np.array_equal(plain, w0) and not np.array_equal(plain, guided)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ckpt", "CLF"], "is a noise-conditional classifier, not a score model (sample.py takes it as --classifier)"),
+    (["--classifier", "TINY", "--label", "bag"], "is a score model, not a noise-conditional classifier"),
+    (["--classifier", "CLF_SUBVP", "--label", "bag"], "cannot guide"),
+    (["--classifier", "CLF_8PX", "--label", "bag"], "its images (1x8x8) are not the score model's (1x28x28)"),
+    (["--classifier", "CLF_DIGITS", "--label", "3"], "its classes (0, 1, 2"),
+    (["--classifier", "CLF"], "--classifier needs --label"),
+    (["--classifier", "CLF", "--label", "none"], "--classifier needs --label"),
+    (["--classifier", "CLF", "--label", "bag", "--guidance", "2"], "--guidance is classifier-free guidance"),
+    (["--classifier-scale", "2"], "--classifier-scale weighs --classifier"),
+    (["--classifier", "CLF", "--label", "bag", "--classifier-scale", "-1"], "Invalid value for '--classifier-scale'"),
+    (["--classifier", "CLF", "--label", "banana"], "unknown --label"),
+    (["--classifier", "CLF", "--label", "bag", "--interpolate", "0", "1"], "drop --classifier"),
+    (["--colorize"], "--colorize needs an RGB model; "),
+    (["--ckpt", "RGB", "--colorize", "--solver", "heun"], "--colorize needs a solver that re-noises every step"),
+    (["--ckpt", "RGB", "--colorize", "--inpaint", "left"], "give one of --inpaint, --colorize and --interpolate"),
+    (["--ckpt", "RGB", "--colorize", "--out", "c.npz"], "--colorize writes a .png grid"),
+])
+def test_sample_cli_classifier_and_colorize_refusals(tiny_ckpt, guidance_ckpts, tmp_path, args, message):
+    named = {"CLF": guidance_ckpts / "clf.pt", "TINY": tiny_ckpt / "tiny.pt", "CLF_SUBVP": guidance_ckpts / "clf_subvp.pt",
+             "CLF_8PX": guidance_ckpts / "clf_8px.pt", "CLF_DIGITS": guidance_ckpts / "clf_digits.pt", "RGB": guidance_ckpts / "rgb.pt"}
+    args = [str(named.get(a, a)) for a in args]
+    args = args if "--ckpt" in args else [*args, "--ckpt", str(tiny_ckpt / "tiny.pt")]
+    args = args if "--out" in args else [*args, "--out", str(tmp_path / "o.png")]
+    r = run_sample(*args)
+    assert r.exit_code in (1, 2) and message in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 or r.exit_code == 2, r.output  # one line (usage errors: click's)
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_sample_cli_colorize_writes_originals_gray_inputs_and_colourings(guidance_ckpts, own_data, tmp_path):
+    import numpy as np
+    from PIL import Image
+    r = run_sample("--ckpt", guidance_ckpts / "rgb.pt", "--colorize", "--n", 1, "--steps", 3, "--data-root", tmp_path / "root",
+                   "--out", tmp_path / "c.png")  # the .npz holds out one test image
+    assert r.exit_code == 0 and "pc: 1 images" in r.output, r.output  # pc by default, as --inpaint
+    grid = np.asarray(Image.open(tmp_path / "c.png").convert("RGB")).astype(int)
+    assert grid.shape == (3 * 18 + 2, 18 + 2, 3)  # rows: originals, gray inputs, colourings
+    gray_row = grid[20:36, 2:18]
+    assert (gray_row.max(2) - gray_row.min(2)).max() <= 1  # R = G = B
+    assert (grid[2:18, 2:18].max(2) - grid[2:18, 2:18].min(2)).max() > 10  # the originals are in colour
+
+
+def test_train_classifier_logs_held_out_accuracy_resumes_exactly_and_guides(tmp_path, own_data, cheap_grids):
+    """train.py --classifier: a checkpoint of kind classifier, log rows of the loss and of held-out accuracy at four
+    noise levels, an exact --resume, its flag fixed on --resume, unlabelled data refused; sample.py is guided by it."""
+    import train
+    args = [*TRAIN_TINY, "--classifier", "--log-every", 2, "--sample-every", 2]
+    r = invoke(train.main, [*args, "--steps", 4, "--out", tmp_path / "a"])
+    assert r.exit_code == 0 and "held-out accuracy at t = 0.1 / 0.3 / 0.5 / 0.7" in r.output, r.output
+    assert f"python sample.py --classifier {tmp_path / 'a'} --label t-shirt" in r.output
+    rows = read_log(tmp_path / "a")
+    assert [row["step"] for row in rows if "loss" in row] == [2, 4]
+    held_out = [row for row in rows if "held_out_accuracy" in row]
+    assert [row["step"] for row in held_out] == [2, 4] and all(set(row["held_out_accuracy"]) == {"0.1", "0.3", "0.5", "0.7"} for row in held_out)
+    assert all(0 <= v <= 1 for row in held_out for v in row["held_out_accuracy"].values())
+    assert not list((tmp_path / "a").glob("samples_*.png"))  # no grids of a classifier
+    a = checkpoint.load(tmp_path / "a" / "ckpt.pt", use_ema=False, kind="classifier")
+    assert a.kind == "classifier" and isinstance(a.net, sgm.NoiseClassifier) and a.classes == data.FASHION
+    assert a.train_config.classifier and not a.train_config.conditional
+    assert invoke(train.main, [*args, "--steps", 2, "--out", tmp_path / "b"]).exit_code == 0
+    r = invoke(train.main, ["--resume", "--steps", 4, "--out", tmp_path / "b", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    b = checkpoint.load(tmp_path / "b" / "ckpt.pt", use_ema=False, kind="classifier")
+    assert all(torch.equal(a.net.state_dict()[k], v) for k, v in b.net.state_dict().items())
+    assert [row["step"] for row in read_log(tmp_path / "b")] == [row["step"] for row in rows]
+    assert invoke(train.main, [*TRAIN_TINY, "--steps", 1, "--out", tmp_path / "score"]).exit_code == 0
+    r = invoke(train.main, ["--resume", "--steps", 2, "--out", tmp_path / "score", "--device", "cpu", "--classifier"])
+    assert r.exit_code == 1 and "--classifier contradicts the run's classifier = False" in r.output, r.output
+    r = invoke(train.main, [*TRAIN_DATA, "--classifier", "--data", own_data / "gray", "--data-root", tmp_path / "root",
+                            "--steps", 1, "--out", tmp_path / "gray"])
+    assert r.exit_code == 1 and "--classifier needs labels" in r.output, r.output
+    r = run_sample("--ckpt", tmp_path / "a", "--out", tmp_path / "x.png")
+    assert r.exit_code == 1 and "is a noise-conditional classifier, not a score model" in r.output, r.output
+    r = run_sample("--ckpt", tmp_path / "score", "--classifier", tmp_path / "a", "--label", "sneaker", "--solver", "heun",
+                   "--steps", 2, "--n", 2, "--out", tmp_path / "g.png")
+    assert r.exit_code == 0 and "by the classifier, w = 1" in r.output, r.output

@@ -5,11 +5,14 @@ Train a score-based model on FashionMNIST, MNIST, CIFAR-10 or your own images.
     python train.py --device cuda                      # the default preset: 6.19 M, for a GPU
     python train.py --resume --out runs/quick          # continue a stopped run exactly
     python train.py --preset quick --data my_images --image-size 32 --out runs/mine
+    python train.py --preset quick --classifier --out runs/clf  # p_t(y | x(t)) for sample.py
     torchrun --nproc_per_node 2 train.py --device cuda # data-parallel (DDP)
     python sample.py --ckpt runs/quick                 # then sample the run
 
 A run folder holds ckpt.pt (written atomically at intervals, on Ctrl-C and SIGTERM), log.jsonl
-and samples_<step>.png (EMA weights, Heun, 35 NFE). ckpt.pt stores the run's whole configuration
+and samples_<step>.png (EMA weights, Heun, 35 NFE). A --classifier run trains a noise-conditional
+classifier instead, and logs its accuracy on held-out noisy test images where a score run draws
+a grid. ckpt.pt stores the run's whole configuration
 (checkpoint.TrainConfig: the preset, then the flags), which --resume restores.
 """
 
@@ -40,6 +43,8 @@ import sgm
 console = Console(file=cli.ConsoleStream(), soft_wrap=True)  # a closed pipe costs no result
 RESUMABLE = ("steps", "log_every", "sample_every", "ckpt_every")  # may change on --resume
 GRID_STEPS = sgm.SOLVERS["heun"].steps  # the sample grids: Heun, 35 NFE
+HELD_OUT = 500  # test images on which a classifier's accuracy is logged
+HELD_OUT_TIMES = (0.1, 0.3, 0.5, 0.7)  # ... at these times t of its SDE
 
 # ------------------------------------------------------------------------------------------------
 # Set-up: processes, configuration, run folder, network and optimizer
@@ -161,6 +166,7 @@ class Run:
     time_limit: float = None  # minutes
     snapshots: list = dataclasses.field(default_factory=list)  # minutes at which to export EMA
     stop: int = 0  # the signal that asked to stop
+    held_out: tuple = None  # a classifier's test images and labels (rank 0)
 
 
 def learning_rate(cfg, step):
@@ -190,19 +196,29 @@ def train_step(run, step):
         x = torch.where(flipped[:, None, None, None], x.flip(3), x)
     x = x.contiguous(memory_format=torch.channels_last)
     labels = None
+    if cfg.classifier:
+        with run.autocast:
+            loss = sgm.classifier_loss(run.net, run.ckpt.sde, x, run.labels[idx],
+                                       noise_sampling=cfg.noise_sampling)  # fmt: skip
+        return optimizer_step(run, step, loss)
     if cfg.conditional:  # dropped labels (-1) train the unconditional score for guidance
         dropped = torch.rand(B, device=run.device) < cfg.label_dropout
         labels = run.labels[idx].masked_fill(dropped, -1)
-    for group in run.optimizer.param_groups:
-        group["lr"] = learning_rate(cfg, step)
     with run.autocast:
         loss = sgm.dsm_loss(run.net, run.ckpt.sde, x, likelihood_weighting=cfg.likelihood_weighting,
                             labels=labels, noise_sampling=cfg.noise_sampling)  # fmt: skip
+    return optimizer_step(run, step, loss)
+
+
+def optimizer_step(run, step, loss):
+    """Backpropagate `loss`, clip, step the optimizer and the EMA; returns the loss."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate(run.cfg, step)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(run.ckpt.net.parameters(), cfg.grad_clip)
+    torch.nn.utils.clip_grad_norm_(run.ckpt.net.parameters(), run.cfg.grad_clip)
     run.optimizer.step()
-    run.ema.update(run.ckpt.net, ema_decay(cfg, step))
+    run.ema.update(run.ckpt.net, ema_decay(run.cfg, step))
     return loss
 
 
@@ -258,6 +274,28 @@ def sample_grid(run, step, n=64):
     x, _ = sgm.sample(sampler.score_fn(labels), sampler.sde, (n, *run.images.shape[1:]), "heun",
                       GRID_STEPS, generator=generator, device=run.device)  # fmt: skip
     files.save_png(x, sampler.data_range, os.path.join(run.out, f"samples_{step:07d}.png"))
+
+
+@torch.no_grad()
+def held_out_accuracy(run, step, log):
+    """A classifier's accuracy (EMA weights) on HELD_OUT test images noised to each of
+    HELD_OUT_TIMES, with a generator of its own: a row of log.jsonl, and a line."""
+    classifier, (images, labels) = ema_checkpoint(run), run.held_out
+    generator, sde, accuracy = torch.Generator().manual_seed(0), run.ckpt.sde, {}
+    x0 = data.to_model_range(images, run.ckpt.data_range)
+    for at in HELD_OUT_TIMES:
+        t = torch.full((len(x0),), at)
+        mean, std = sde.marginal_prob(x0, t)
+        x = mean + sgm.append_dims(std, x0.ndim) * torch.randn(x0.shape, generator=generator)
+        logits = sgm.classifier_logits(classifier.net, sde, x.to(run.device), t.to(run.device))
+        accuracy[f"{at:g}"] = (logits.argmax(1).cpu() == labels).float().mean().item()
+    with open(os.path.join(run.out, "log.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, "held_out_accuracy": accuracy}) + "\n")
+    sigmas = sde.noise_level(torch.tensor(HELD_OUT_TIMES)).tolist()
+    at = " / ".join(f"{t:g}" for t in HELD_OUT_TIMES)
+    log.print(f"step {step}: held-out accuracy at t = {at} (noise level "
+              f"{' / '.join(f'{s:.2g}' for s in sigmas)}): "
+              f"{' / '.join(f'{a:.3f}' for a in accuracy.values())}", highlight=False)  # fmt: skip
 
 
 def save_snapshot(run, step, minutes):
@@ -371,7 +409,10 @@ def train(run):
                     break
                 if run.rank == 0 and (step % cfg.sample_every == 0 or last):
                     t_grid = time.time()
-                    sample_grid(run, step)
+                    if cfg.classifier:
+                        held_out_accuracy(run, step, log)
+                    else:
+                        sample_grid(run, step)
                     sampling += time.time() - t_grid  # not training time
                     t_log += time.time() - t_grid
     finally:
@@ -396,7 +437,12 @@ def finish(run, log, step, start, loss, rates, seconds):
                   f"{seconds:.0f} s, {speed}")  # fmt: skip
     young = step < 3 / (1 - run.cfg.ema_decay)  # the EMA still holds much of the initial network
     hint = " --no-ema  # the EMA weights still remember the untrained network" if young else ""
-    log.print(f"Sample it: python sample.py --ckpt {shlex.quote(run.out)}{hint}", highlight=False)
+    if run.cfg.classifier:
+        hint = f" --classifier {shlex.quote(run.out)} --label {run.ckpt.classes[0]}"
+        log.print(f"Guide a score model with it: python sample.py{hint}", highlight=False)
+    else:
+        log.print(f"Sample it: python sample.py --ckpt {shlex.quote(run.out)}{hint}",
+                  highlight=False)  # fmt: skip
     if run.stop:
         sys.exit(128 + run.stop)  # 130 for Ctrl-C, 143 for SIGTERM
 
@@ -440,6 +486,8 @@ PRESET_HELP = (
 @click.option("--ema-ramp", type=cli.Number(0, 1), help=preset_help(
     "ema_ramp", "EMA half-life at most this fraction of the steps done; 0: fixed"))  # fmt: skip
 @click.option("--channels", type=click.IntRange(4), help=preset_help("channels", "U-Net width"))
+@click.option("--classifier", is_flag=True, default=None, help="Train a noise-conditional "
+              "classifier p_t(y | x(t)) for sample.py --classifier.")  # fmt: skip
 @click.option("--conditional/--no-conditional", default=None, help=preset_help(
     "conditional", "Labels, dropped at --label-dropout for guidance"))  # fmt: skip
 @click.option("--label-dropout", type=cli.Number(0, 1), help=preset_help("label_dropout"))
@@ -493,7 +541,9 @@ def main(ctx, **flags):
         raise click.ClickException("--time-limit and snapshots need one process")
     out = flags["out"] or os.path.join("runs", flags["sde"] or checkpoint.TrainConfig.sde)
     stored = (
-        checkpoint.load(os.path.join(out, "ckpt.pt"), device, False) if flags["resume"] else None
+        checkpoint.load(os.path.join(out, "ckpt.pt"), device, False, kind=None)
+        if flags["resume"]
+        else None
     )
     if stored and stored.resume is None:
         raise click.ClickException(f"{out}/ckpt.pt has no optimizer state: it cannot be resumed")
@@ -526,6 +576,10 @@ def main(ctx, **flags):
     labels = None if labels is None else labels.to(device)
     run = Run(cfg, ckpt, net, ema, optimizer, autocast, images.to(device), labels,
               device, world, rank, out, flags["time_limit"], snapshots)  # fmt: skip
+    if cfg.classifier and rank == 0:  # the test images it is scored on
+        test = data.load_shaped(cfg.data, flags["data_root"], False, cfg.image_size,
+                                cfg.grayscale, dataset.shape, "the run", console.print)  # fmt: skip
+        run.held_out = (test.images[:HELD_OUT], test.labels[:HELD_OUT])
     if rank == 0:
         checkpoint.start_run_folder(out, stored.step if stored else None)
     train(run)
@@ -543,6 +597,11 @@ def fit_to_data(ctx, cfg, dataset, stored):
             raise click.ClickException(f"--data {cfg.data} now has {len(dataset.classes)} classes"
                                        f", the run {stored.model_config.num_classes}")  # fmt: skip
         return cfg
+    if cfg.classifier:  # it has no use for the score model's label dropout
+        if dataset.labels is None:
+            raise click.ClickException(f"--classifier needs labels, and {cfg.data} has none: "
+                                       "put the images in one subfolder per class")  # fmt: skip
+        cfg = dataclasses.replace(cfg, conditional=False)
     if cfg.conditional and dataset.labels is None:
         if ctx.get_parameter_source("conditional") == ParameterSource.COMMANDLINE:
             raise click.ClickException(f"--conditional needs labels, and {cfg.data} has none: "
