@@ -170,24 +170,15 @@ def generate(ckpt, solver, steps, n, device, batch_size=500, seed=0, progress=No
              labels="prior", **options):  # fmt: skip
     """n samples as uint8 (n, C, H, W) from a loaded checkpoint, the mean NFE and the seconds.
     labels: 'prior' or 'none' (see `sample_labels`). The prior noise depends on the seed alone."""
-    config = ckpt.model_config
-    shape = (config.image_channels, config.image_size, config.image_size)
     generator = torch.Generator(device).manual_seed(seed)
     all_labels = sample_labels(ckpt, labels, n, seed, device)
     out, nfes, start = [], [], time.time()
     task = progress.add_task(f"{solver} {steps}", total=n) if progress else None
     for i in range(0, n, batch_size):
         b = min(batch_size, n - i)
-        x, nfe = sgm.sample(
-            ckpt.score_fn(None if all_labels is None else all_labels[i : i + b]),
-            ckpt.sde,
-            (b, *shape),
-            solver,
-            steps,
-            generator=generator,
-            device=device,
-            **options,
-        )
+        score = ckpt.score_fn(None if all_labels is None else all_labels[i : i + b])
+        x, nfe = sgm.sample(score, ckpt.sde, (b, *ckpt.shape), solver, steps, generator=generator,
+                            device=device, **options)  # fmt: skip
         out.append(data.to_uint8(x, ckpt.data_range).cpu())
         nfes.append(nfe)
         if progress:
@@ -773,7 +764,8 @@ def export_command(ckpt_path, out, overwrite, half, n, seed, device, classifier,
     if n == 1:
         raise click.ClickException("--n 1: an FD needs at least 2 samples (0 skips the check)")
     cli.check_writable(out)
-    exported = checkpoint.load(ckpt_path, "cpu")  # the EMA weights, where the file has them
+    exported = checkpoint.load(ckpt_path, "cpu", kind=None)  # the EMA weights, where it has them
+    n = n if exported.kind == "score" else 0  # a noise-conditional classifier samples nothing
     scorer = Scorer([(ckpt_path, exported)], classifier, data_root, device) if n else None
     kind = "EMA weights" if exported.is_ema else "weights (the file has no EMA)"
     exported.is_ema = True  # stored as the EMA weights, alone
@@ -849,37 +841,44 @@ class TutorialScoreNet(nn.Module):
 @steps_option
 @click.option("--out", default=None, help="Also write the table to this markdown file.")
 @click.option("--seed", type=cli.SEED, default=0)
+@click.option("--noise-classifier", type=click.Path(), help="w weighs this classifier (eq. 14) "
+              "on the unconditional score [classifier-free guidance].")  # fmt: skip
 @device_option
 @data_options
-def guidance_command(
-    ckpt_path, weights, n, solver, steps, out, seed, device, classifier, data_root
-):
+def guidance_command(ckpt_path, weights, n, solver, steps, out, seed, noise_classifier, device,
+                     classifier, data_root):  # fmt: skip
     """Class accuracy (by the evaluation classifier) and per-class FD of guided samples, per w."""
     device, ckpt_path = cli.resolve_device(device), cli.find_checkpoint(ckpt_path)
     ckpt, steps = checkpoint.load(ckpt_path, device), steps or sgm.SOLVERS[solver].steps
-    config = ckpt.model_config
-    if not config.num_classes:
-        raise click.ClickException(
-            f"{ckpt_path}: an unconditional checkpoint; train one without --no-conditional"
-        )
+    config, guide = ckpt.model_config, None
+    if noise_classifier:
+        guide = checkpoint.load(cli.find_checkpoint(noise_classifier), device, kind="classifier")
+        checkpoint.check_guidance_pair(ckpt, guide, ckpt_path, noise_classifier)
+    elif not config.num_classes:
+        raise click.ClickException(f"{ckpt_path}: an unconditional checkpoint; give "
+                                   "--noise-classifier or train one with labels")  # fmt: skip
     ws = parse_weights(weights)
     check_arm(ckpt, solver, {})
     if out:
         cli.check_not_input(out, [ckpt_path])
         cli.check_writable(out)
     scorer = Scorer([(ckpt_path, ckpt)], classifier, data_root, device)
-    classes = range(config.num_classes)
+    names, clf = (guide.classes, guide.classifier_fn()) if guide else (ckpt.classes, None)
+    classes = range(len(names))
     floors = [scorer.floor(n, seed, label=c) for c in classes]
     rows = []
     with Progress(console=console) as progress:
         task = progress.add_task("guidance", total=len(ws) * len(classes))
         for w in ws:
             generator = torch.Generator(device).manual_seed(seed)
-            accuracy, fds = [], []
+            accuracy, fds, start = [], [], time.time()
             for c in classes:
                 labels = torch.full((n,), c, device=device)
                 shape = (n, config.image_channels, config.image_size, config.image_size)
-                score = ckpt.score_fn(labels, w)
+                if guide is None:
+                    score = ckpt.score_fn(labels, w)
+                else:  # eq. 14: the unconditional score plus w grad log p_t(y | x)
+                    score = sgm.classifier_guided_score(ckpt.score_fn(), clf, labels, w)
                 x, _ = sgm.sample(
                     score, ckpt.sde, shape, solver, steps, generator=generator, device=device
                 )
@@ -887,13 +886,14 @@ def guidance_command(
                 accuracy.append(float(histogram[c]) / n)
                 fds.append(fd)
                 progress.advance(task)
-            rows.append((w, sum(accuracy) / len(classes), fds))
+            rows.append((w, sum(accuracy) / len(classes), time.time() - start, fds))
     cells = lambda values: " | ".join(f"{v:.1f}" for v in values)
-    table = f"| w | class accuracy | {' | '.join(f'FD {c}' for c in ckpt.classes)} |\n"
-    table += "|---|---|" + "---|" * len(classes) + "\n"
-    table += "".join(f"| {w:g} | {acc:.3f} | {cells(fds)} |\n" for w, acc, fds in rows)
-    table += f"| floor | | {cells(floors)} |\n"
-    header = f"Guided samples: {solver}, {steps} steps, {n} per class; {ckpt_path}; "
+    table = f"| w | class accuracy | seconds | {' | '.join(f'FD {c}' for c in names)} |\n"
+    table += "|---|---|---|" + "---|" * len(classes) + "\n"
+    table += "".join(f"| {w:g} | {a:.3f} | {t:.0f} | {cells(fd)} |\n" for w, a, t, fd in rows)
+    table += f"| floor | | | {cells(floors)} |\n"
+    how = f"classifier guidance by {noise_classifier}" if guide else "classifier-free guidance"
+    header = f"Guided samples ({how}): {solver}, {steps} steps, {n} per class; {ckpt_path}; "
     header += f"{cli.machine()}, {device}.\n\n"
     if out:
         files.save_text(header + table, out)

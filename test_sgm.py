@@ -2478,3 +2478,27 @@ def test_train_classifier_logs_held_out_accuracy_resumes_exactly_and_guides(tmp_
     r = run_sample("--ckpt", tmp_path / "score", "--classifier", tmp_path / "a", "--label", "sneaker", "--solver", "heun",
                    "--steps", 2, "--n", 2, "--out", tmp_path / "g.png")
     assert r.exit_code == 0 and "by the classifier, w = 1" in r.output, r.output
+    r = run_evaluate("export", tmp_path / "a" / "ckpt.pt", "--out", tmp_path / "a.pt")
+    assert r.exit_code == 0 and checkpoint.load(tmp_path / "a.pt", kind="classifier").is_ema, r.output  # no FD for a classifier
+    with pytest.MonkeyPatch.context() as patch:  # few test images: the FDs' features are the slow part
+        load = data.load_named
+        patch.setattr(data, "load_named", lambda *a, **k: tuple(v[:200] for v in load(*a, **k)))
+        import evaluate
+        evaluate.reference.cache_clear()
+        r = run_evaluate("guidance", "--ckpt", tmp_path / "score", "--noise-classifier", tmp_path / "a.pt", "--weights", "0,2",
+                         "--n", 2, "--steps", 2, "--device", "cpu")
+        evaluate.reference.cache_clear()
+    assert r.exit_code == 0 and "classifier guidance by" in r.output and "| 2 | " in r.output, r.output
+
+
+def test_resumed_snapshots_count_the_runs_minutes(tiny_run, tmp_path):
+    """--snapshot-minutes are the run's minutes in all; --time-limit this process's: a resumed run
+    takes snapshots past its own limit when the run's minutes so far make up the difference."""
+    import train
+    run = copy_run(tiny_run, tmp_path)
+    ckpt = checkpoint.load(run / "ckpt.pt", use_ema=False)
+    done = ckpt.extra.get("train_seconds", 0.0) / 60
+    r = invoke(train.main, ["--resume", "--out", run, "--steps", 5, "--time-limit", 1, "--snapshot-minutes", f"{done + 1.5:g}"])
+    assert r.exit_code == 1 and f"past the run's {done + 1:g} minutes" in r.output, r.output
+    r = invoke(train.main, ["--resume", "--out", run, "--steps", 5, "--time-limit", 1, "--snapshot-minutes", f"{done + 0.5:g}", "--sample-every", 1000])
+    assert r.exit_code == 0, r.output

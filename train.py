@@ -474,7 +474,7 @@ PRESET_HELP = (
 @click.option("--steps", type=click.IntRange(1), help=preset_help("steps", "Training steps"))
 @click.option("--epochs", type=cli.Number(0, 1e6, low_open=True), help="Instead of --steps.")
 @click.option("--time-limit", type=cli.Number(0, 1e6, low_open=True),
-              help="Minutes of training (sampling excluded), then save and stop.")  # fmt: skip
+              help="Minutes of training in this process, then save and stop.")  # fmt: skip
 @click.option("--snapshot-minutes", hidden=True, help="Export the EMA at these minutes: 30,60.")
 @click.option("--batch-size", type=click.IntRange(1), help=preset_help("batch_size", "Per process"))
 @click.option("--lr", type=cli.Number(0, 1e3, low_open=True), help=preset_help("lr"))
@@ -531,7 +531,7 @@ def main(ctx, **flags):
     """Train a score-based generative model (Song et al. 2021) on FashionMNIST or other images."""
     if flags["steps"] is not None and flags["epochs"] is not None:
         raise click.ClickException("give one of --steps and --epochs")
-    snapshots = parse_minutes(flags["snapshot_minutes"], flags["time_limit"])
+    snapshots = parse_minutes(flags["snapshot_minutes"])
     if flags["resume"] and flags["overwrite"]:
         raise click.ClickException("--resume continues the run in --out; --overwrite replaces it")
     data.check_image_size(flags["image_size"])
@@ -547,6 +547,7 @@ def main(ctx, **flags):
     )
     if stored and stored.resume is None:
         raise click.ClickException(f"{out}/ckpt.pt has no optimizer state: it cannot be resumed")
+    check_snapshots(snapshots, flags["time_limit"], stored)
     cfg = build_config(ctx, flags, device, stored.train_config if stored else None)
     if flags["epochs"] is None:
         check_steps_left(out, stored, cfg.steps, "--steps")
@@ -611,17 +612,24 @@ def fit_to_data(ctx, cfg, dataset, stored):
     return dataclasses.replace(cfg, channel_mult=mult)
 
 
-def parse_minutes(text, budget):
-    """--snapshot-minutes "5,10" -> [5.0, 10.0], each within the --time-limit budget."""
+def parse_minutes(text):
+    """--snapshot-minutes "5,10" -> [5.0, 10.0]: minutes of the run's training in all."""
     minutes = (
         sorted(set(cli.parse_list(text, "--snapshot-minutes", what="minutes"))) if text else []
     )
     for value in minutes:
         cli.check_number("--snapshot-minutes", value, 0, 1e6, low_open=True)
-    if budget and minutes and minutes[-1] > budget:
-        raise click.ClickException(f"--snapshot-minutes {minutes[-1]:g} is past the run's "
-                                   f"{budget:g} minutes")  # fmt: skip
     return minutes
+
+
+def check_snapshots(minutes, time_limit, stored):
+    """Snapshots count the run's minutes in all; --time-limit those of this process, which
+    resumes a run after its minutes so far."""
+    done = stored.extra.get("train_seconds", 0.0) / 60 if stored else 0.0
+    if time_limit and minutes and minutes[-1] > done + time_limit:
+        raise click.ClickException(f"--snapshot-minutes {minutes[-1]:g} is past the run's "
+                                   f"{done + time_limit:g} minutes ({done:.1f} done and "
+                                   f"--time-limit {time_limit:g})")  # fmt: skip
 
 
 def check_steps_left(out, stored, steps, given):
