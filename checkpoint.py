@@ -458,6 +458,7 @@ def check_extra(extra, num_classes):
         if not (fits and all(type(c) is int and c >= 0 for c in counts) and sum(counts) > 0):
             raise ValueError(f"class_counts {counts!r} are not {num_classes} counts, some positive")
     cli.check_number("train_seconds", extra.get("train_seconds", 0.0), 0, 1e10)
+    cli.check_int("train_images", extra.get("train_images", 1), 1, 10**12)
     if not isinstance(extra.get("train", {}), dict):
         raise ValueError("the stored training configuration is not a table")
 
@@ -600,6 +601,7 @@ def new_checkpoint(cfg, images, labels, classes, device):
         raise sgm.SGMError(str(e)) from None
     net = network(model_config).to(device)
     ckpt = Checkpoint(net, sde, sde.data_range, model_config, cfg)
+    ckpt.extra["train_images"] = len(images)  # --resume checks that the data is the same
     if classes:
         ckpt.extra["classes"] = list(classes)
     if labelled:

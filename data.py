@@ -100,6 +100,19 @@ def describe(spec):
     return spec if spec in NAMES else os.path.abspath(spec)
 
 
+def check_not_into(out, spec, flag="--out"):
+    """Refuse an output that is the dataset file `spec` or lies inside its folder: nothing is ever
+    written into a user's data (a named dataset lives under --data-root, which is ours)."""
+    if spec in NAMES or not os.path.exists(spec):
+        return
+    data_path, out_path = os.path.realpath(spec), os.path.realpath(out)
+    inside = os.path.isdir(data_path) and os.path.commonpath([data_path, out_path]) == data_path
+    if inside or out_path == data_path:
+        where = "inside the dataset" if inside else "the dataset file"
+        raise DataError(f"{flag} {out} is {where} {spec}: nothing is written into your data; "
+                        "write elsewhere")  # fmt: skip
+
+
 def load(spec, root=DATA_DIR, train=True, image_size=None, grayscale=False, note=print):
     """The training (or test) split of the dataset `spec`, at image_size x image_size (the shorter
     side resized, then centre-cropped) or as found, in one channel if `grayscale`. note(text)
@@ -161,9 +174,14 @@ def unet_levels(size):
     return levels
 
 
-def channel_mult(size, preset_mult):
+def channel_mult(size, preset_mult, spec="the data"):
     """A preset's channel multipliers, one per level for this size: cut, or the last repeated."""
     levels = unet_levels(size)
+    if levels is None:
+        raise DataError(
+            f"--data {spec}: the U-Net halves {size}x{size} images down to 8 pixels "
+            "or fewer, which needs a size such as 28, 32 or 64: give --image-size"
+        )
     return tuple(preset_mult[:levels]) + (preset_mult[-1],) * (levels - len(preset_mult))
 
 
@@ -358,6 +376,7 @@ def load_npz(path):
             f"{path}: 'images' must be uint8 (N, H, W) or (N, H, W, C) with C 1, 3 "
             f"or 4, not {images.dtype} {images.shape}"
         )
+    check_count(len(images), path)
     images = torch.from_numpy(images.reshape(*images.shape[:3], -1)).permute(0, 3, 1, 2)
     images = on_white(images) if images.shape[1] == 4 else images
     labels, classes = stored.get("labels"), stored.get("classes")
@@ -370,6 +389,8 @@ def load_npz(path):
         )
     labels = torch.from_numpy(labels.astype(np.int64))
     classes = [str(c) for c in classes] if classes is not None else None
+    if classes is not None and len(set(classes)) != len(classes):
+        raise DataError(f"{path}: 'classes' names a class twice ({', '.join(classes)})")
     top = len(classes) - 1 if classes else int(labels.max()) if len(labels) else 0
     if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) <= top:
         raise DataError(
@@ -392,12 +413,16 @@ def on_white(rgba):
 def scan(folder):
     """The image files under folder, sorted (hidden ones skipped), and their classes: the
     first-level subfolders, when every image sits in one and there are at least two."""
-    paths = []
-    for where, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    paths, seen = [], set()
+    for where, dirs, names in os.walk(folder, followlinks=True):  # linked folders once each
+        seen.add(os.path.realpath(where))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and
+                         os.path.realpath(os.path.join(where, d)) not in seen)  # fmt: skip
         for name in sorted(names):
-            if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES):
-                paths.append(os.path.relpath(os.path.join(where, name), folder))
+            path = os.path.join(where, name)
+            image = not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
+            if image and os.path.isfile(path):  # no FIFO, device or dangling link: reads block
+                paths.append(os.path.relpath(path, folder))
     if not paths:
         raise DataError(
             f"--data {folder}: no image files in it (looked for "
@@ -457,7 +482,8 @@ def decode_folder(folder, paths, size, grayscale, note, cache):
         shown = ", ".join(f"{w}x{h}" for w, h in sizes[:4]) + ", ..." * (len(sizes) > 4)
         what = f"images of {len(sizes)} sizes ({shown})" if len(sizes) > 1 else f"{shown} images"
         raise DataError(
-            f"--data {folder}: {what}; give --image-size S to resize and crop them to SxS"
+            f"--data {folder}: {what}; they need one size: train.py --image-size S resizes and "
+            "crops them to SxS"
         )
     color = not grayscale and any(mode not in GRAY_MODES for _, mode in headers)
     side = size or sizes[0][0]

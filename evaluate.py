@@ -116,6 +116,7 @@ def load_classifier(path=None, device="cpu"):
     if not os.path.isfile(path):
         raise click.ClickException(f"{path}: no such feature network; build one with "
                                    "`python evaluate.py train-classifier`")  # fmt: skip
+    state = None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         stored = state.get("format") == CLASSIFIER_FORMAT  # else FashionMNIST's plain weights
@@ -123,7 +124,9 @@ def load_classifier(path=None, device="cpu"):
         net = Classifier(meta["shape"], len(meta["classes"]), meta["mean"], meta["std"])
         net.load_state_dict(state["weights"] if stored else state)
     except Exception as e:
-        raise click.ClickException(f"{path}: not a feature network ({cli.first_line(e)})") from None
+        model = isinstance(state, dict) and state.get("format") == checkpoint.FORMAT
+        why = "a model checkpoint" if model else cli.first_line(e)
+        raise click.ClickException(f"{path}: not an FD feature network ({why})") from None
     return net.to(device).eval(), meta
 
 
@@ -195,8 +198,7 @@ def check_arm(ckpt, solver, options):
 
 @functools.lru_cache(maxsize=2)
 def reference(classifier, root, device):
-    """The feature network, what it was trained on, and its dataset's test features and labels
-    (once per process)."""
+    """The feature network, its meta, its data's test features and labels (once per process)."""
     net, meta = load_classifier(classifier, device)
     test = load_reference(meta, root, train=False)
     return net, meta, features_and_classes(net, test.images)[0], test.labels
@@ -220,8 +222,8 @@ class Scorer:
                 raise click.ClickException(
                     f"{path} models {data.shape_text(ckpt.shape)} images of "
                     f"{ckpt.train_config.data}; the feature network {classifier or CLASSIFIER} "
-                    f"scores {data.shape_text(meta['shape'])} images of {meta['data']}: give "
-                    "--classifier (python evaluate.py train-classifier --data D --out F)"
+                    f"scores {data.shape_text(meta['shape'])} images of {meta['data']}: give one "
+                    "of its data (python evaluate.py train-classifier --data D --out F)"
                 )
         self.net, self.meta, self.test_feats, self.test_labels = reference(classifier, root, device)
         if len(self.test_feats) < 2:
@@ -989,6 +991,7 @@ def train_classifier_command(data_spec, image_size, grayscale, data_root, epochs
     if os.path.exists(out) and not overwrite:
         raise click.ClickException(f"--out {out} exists; give --overwrite to replace it")
     cli.check_writable(out)
+    data.check_not_into(out, data_spec)
     data.check_image_size(image_size)
     train = data.load(data_spec, data_root, True, image_size, grayscale, note=console.print)
     test = data.load(data_spec, data_root, False, image_size, grayscale, note=console.print)

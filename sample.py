@@ -19,6 +19,7 @@ Test images are those of the checkpoint's dataset (its test split), or of --data
 
 import os
 import time
+import unicodedata
 
 import click
 import torch
@@ -77,7 +78,10 @@ def make_labels(text, ckpt, n, mode, seed):
     classes, names = ckpt.model_config.num_classes, [label_key(c) for c in ckpt.classes]
     name = label_key(text) if text else None
     digit = text and text.isascii() and text.isdigit() and int(text) < classes  # not "²"
-    target = names.index(name) if name in names else int(text) if digit else text
+    if text in (None, "all", "none"):  # the keywords first, then a class name, then an index
+        target = text
+    else:
+        target = names.index(name) if name in names else int(text) if digit else text
     if text not in (None, "none") and not classes:
         raise click.ClickException("--label needs a class-conditional checkpoint (--conditional)")
     if target not in (None, "none", "all") and not isinstance(target, int):
@@ -95,7 +99,7 @@ def make_labels(text, ckpt, n, mode, seed):
 
 def label_key(name):
     """How --label matches a class name: 'Ankle boot', 'ankle_boot' and 'ankle-boot' alike."""
-    return name.lower().replace("_", "-").replace(" ", "-")
+    return unicodedata.normalize("NFC", name).lower().replace("_", "-").replace(" ", "-")
 
 
 def test_images(ckpt, spec, root):
@@ -222,6 +226,11 @@ def main(ckpt_path, solver, n, steps, eps, seed, device, ema, batch_size, out, l
     ckpt_path, device = cli.find_checkpoint(ckpt_path), cli.resolve_device(device)
     cli.check_not_input(out, [ckpt_path])
     ckpt = checkpoint.load(ckpt_path, device, use_ema=ema)
+    for spec in (ckpt.train_config.data, data_spec or ckpt.train_config.data):
+        data.check_not_into(out, spec)  # a sample among the training images, or over them
+    if data_spec and mode == "sample":
+        console.print("note: --data gives the test images of --inpaint, --colorize and "
+                      "--interpolate; ignored")  # fmt: skip
     cli.check_solver_runs(ckpt.sde, solver, options)  # ancestral on sub-VP: refused before work
     if mode == "colorize" and ckpt.shape[0] != 3:
         raise click.ClickException(f"--colorize needs an RGB model; {ckpt_path} is for "

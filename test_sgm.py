@@ -2182,7 +2182,7 @@ def test_bad_data_gets_one_line_before_training(own_data, tmp_path, monkeypatch)
         (idx / name).write_bytes(body)
     cases = [(tmp_path / "empty", "no image files"), (tmp_path / "nowhere", "no such folder or file"),
              (tmp_path / "one", "1 image; at least 2"), (tmp_path / "broken", "not a readable image"),
-             (tmp_path / "mixed", "give --image-size"), (tmp_path / "wide", "16x8 images; give --image-size"),
+             (tmp_path / "mixed", "one size: train.py --image-size S"), (tmp_path / "wide", "16x8 images; they need one size"),
              (tmp_path / "noimages.npz", "no 'images' array (it holds pictures)"),
              (tmp_path / "shortlabels.npz", "one per image (3)"), (tmp_path / "floatlabels.npz", "must be integers"),
              (tmp_path / "outside.npz", "outside the classes 0-1"), (tmp_path / "floatimages.npz", "must be uint8"),
@@ -2237,7 +2237,7 @@ def test_fd_feature_network_for_own_data(own_data, tmp_path, few_test_images):
     assert r.exit_code == 0, r.output
     r = invoke(evaluate.main, ["fd", "--ckpt", tmp_path / "run", "--classifier", tmp_path / "f.pt", "--n", 4, "--steps", 2, "--data-root", root, "--device", "cpu"])
     assert r.exit_code == 0 and "floor" in r.output and "cat" in r.output, r.output
-    for args, message in [(["--ckpt", tmp_path / "run"], "give --classifier"),
+    for args, message in [(["--ckpt", tmp_path / "run"], "give one of its data"),
                           (["--classifier", tmp_path / "f.pt"], "scores 3x16x16 images of")]:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(evaluate, "generate", lambda *a, **k: pytest.fail("sampled before refusing"))
@@ -2502,3 +2502,51 @@ def test_resumed_snapshots_count_the_runs_minutes(tiny_run, tmp_path):
     assert r.exit_code == 1 and f"past the run's {done + 1:g} minutes" in r.output, r.output
     r = invoke(train.main, ["--resume", "--out", run, "--steps", 5, "--time-limit", 1, "--snapshot-minutes", f"{done + 0.5:g}", "--sample-every", 1000])
     assert r.exit_code == 0, r.output
+
+
+def test_nothing_is_written_into_the_data_and_odd_folders_are_read(own_data, tmp_path, cheap_grids):
+    """Outputs inside a --data folder or over its file are refused (train.py --out, sample.py --out,
+    train-classifier --out); FIFOs are skipped, linked folders followed; a changed dataset stops
+    --resume; sizes the U-Net cannot halve, empty arrays and twice-named classes are one line."""
+    import numpy as np
+
+    import evaluate
+    import sample
+    import train
+    pets, root = tmp_path / "pets", tmp_path / "root"
+    write_images(pets / "cat", 6, (16, 16), "RGB")
+    write_images(tmp_path / "elsewhere" / "dog", 6, (16, 16), "RGB", seed=1)
+    os.symlink(tmp_path / "elsewhere" / "dog", pets / "dog")  # a linked class folder
+    os.mkfifo(pets / "cat" / "pipe.png")  # would block a read forever
+    np.savez(tmp_path / "set.npz", images=np.zeros((8, 16, 16), np.uint8))
+    args = [*TRAIN_DATA, "--data-root", root, "--steps", 1]
+    r = invoke(train.main, [*args, "--data", pets, "--out", pets / "run"])
+    assert r.exit_code == 1 and "inside the dataset" in r.output and not (pets / "run").exists(), r.output
+    r = invoke(train.main, [*args, "--data", pets, "--out", tmp_path / "run"])
+    assert r.exit_code == 0, r.output
+    assert checkpoint.load(tmp_path / "run" / "ckpt.pt").classes == ("cat", "dog")
+    for out in (pets / "cat" / "000.png", pets / "new.png"):
+        r = invoke(sample.main, ["--ckpt", tmp_path / "run", "--n", 1, "--steps", 2, "--out", out])
+        assert r.exit_code == 1 and "inside the dataset" in r.output, r.output
+    r = invoke(evaluate.main, ["train-classifier", "--data", tmp_path / "set.npz", "--out", tmp_path / "set.npz", "--overwrite"])
+    assert r.exit_code == 1 and "nothing is written into your data" in r.output, r.output
+    write_images(pets / "cat", 7, (16, 16), "RGB", seed=2)  # one more image, one changed
+    r = invoke(train.main, ["--resume", "--out", tmp_path / "run", "--steps", 2, "--data-root", root])
+    assert r.exit_code == 1 and "has changed since the run began" in r.output, r.output
+    for name, images, extra, message in (("odd.npz", np.zeros((8, 17, 17), np.uint8), {}, "halves 17x17 images"),
+                                         ("empty.npz", np.zeros((0, 16, 16), np.uint8), {}, "0 image; at least 2"),
+                                         ("twice.npz", np.zeros((4, 16, 16), np.uint8), dict(labels=np.array([0, 1, 0, 1]), classes=np.array(["a", "a"])), "names a class twice")):
+        np.savez(tmp_path / name, images=images, **extra)
+        r = invoke(train.main, [*args, "--data", tmp_path / name, "--out", tmp_path / "x"])
+        assert r.exit_code == 1 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_label_keywords_come_before_class_names():
+    import sample
+    ckpt = checkpoint.load(cli.SHIPPED)
+    ckpt.extra = {**ckpt.extra, "classes": ["all", "none", "2", "Ünïcode", *map(str, range(4, 10))]}
+    assert sample.make_labels("all", ckpt, 10, "sample", 0)[1] == "one row per class"
+    assert sample.make_labels("none", ckpt, 4, "sample", 0)[0] is None
+    assert sample.make_labels("2", ckpt, 1, "sample", 0)[0].tolist() == [2]  # the name "2" is index 2
+    nfd = "U\u0308n\u0131\u0308code".replace("\u0131\u0308", "\u00ef")  # decomposed Ü, as macOS writes it
+    assert sample.make_labels(nfd, ckpt, 1, "sample", 0)[0].tolist() == [3]

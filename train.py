@@ -552,6 +552,7 @@ def main(ctx, **flags):
     if flags["epochs"] is None:
         check_steps_left(out, stored, cfg.steps, "--steps")
     if rank == 0:
+        data.check_not_into(out, cfg.data)  # a run's files would become training images
         checkpoint.check_run_folder(out, flags["resume"], flags["overwrite"])
     dataset = data.load(
         cfg.data,
@@ -562,7 +563,7 @@ def main(ctx, **flags):
         note=console.print if rank == 0 else lambda text: None,
     )
     images, labels = data.training_data(dataset, cfg.limit_data, cfg.batch_size * world)
-    cfg = fit_to_data(ctx, cfg, dataset, stored)
+    cfg = fit_to_data(ctx, cfg, dataset, len(images), stored)
     if flags["epochs"] is not None:
         cfg.steps = max(1, round(flags["epochs"] * len(images) / (cfg.batch_size * world)))
         check_steps_left(out, stored, cfg.steps, f"--epochs {flags['epochs']:g}")
@@ -586,14 +587,19 @@ def main(ctx, **flags):
     train(run)
 
 
-def fit_to_data(ctx, cfg, dataset, stored):
+def fit_to_data(ctx, cfg, dataset, n_images, stored):
     """A new run's network follows the data: a level per halving down to 7 or 8 pixels, labels
-    only where the data has them. A resumed run must find the data it was trained on."""
+    only where the data has them. A resumed run must find the data it was trained on: its
+    shape, its classes (files of older versions: their number) and its number of images."""
     if stored is not None:
-        if dataset.shape != stored.shape:
-            raise click.ClickException(f"--data {cfg.data} now gives "
-                                       f"{'x'.join(map(str, dataset.shape))} images, but the run "
-                                       f"trains on {'x'.join(map(str, stored.shape))}")  # fmt: skip
+        then = (stored.shape, stored.extra.get("classes"), stored.extra.get("train_images"))
+        now = (dataset.shape, list(dataset.classes), n_images)
+        names = ("image shape", "classes", "training images")
+        for what, before, after in zip(names, then, now, strict=True):
+            if before is not None and before != after:
+                raise click.ClickException(f"--data {cfg.data} has changed since the run began "
+                                           f"(its {what}: {after}, not {before}): --resume "
+                                           "continues on the same data")  # fmt: skip
         if stored.model_config.num_classes not in (0, len(dataset.classes)):
             raise click.ClickException(f"--data {cfg.data} now has {len(dataset.classes)} classes"
                                        f", the run {stored.model_config.num_classes}")  # fmt: skip
@@ -608,7 +614,7 @@ def fit_to_data(ctx, cfg, dataset, stored):
             raise click.ClickException(f"--conditional needs labels, and {cfg.data} has none: "
                                        "put the images in one subfolder per class")  # fmt: skip
         cfg = dataclasses.replace(cfg, conditional=False)
-    mult = data.channel_mult(dataset.shape[-1], cfg.channel_mult)
+    mult = data.channel_mult(dataset.shape[-1], cfg.channel_mult, cfg.data)
     return dataclasses.replace(cfg, channel_mult=mult)
 
 
