@@ -4,14 +4,12 @@ Song, Sohl-Dickstein, Kingma, Kumar, Ermon & Poole, ICLR 2021 (arXiv:2011.13456)
 to bottom beside the paper. Nothing is used before it is defined:
 
     1 SDEs        VE, VP, sub-VP (eqs. 9, 11, section 3.4); the reverse SDE (eq. 6) and ODE (13)
-    2 model       a time-conditioned U-Net, preconditioned, and the one place it becomes a score;
-                  its encoder as the noise-conditional classifier p_t(y | x(t)) of eq. 14
+    2 model       the preconditioned U-Net, where it becomes a score; its encoder as p_t(y | x(t))
     3 loss        denoising score matching (eq. 7), t drawn and weighted; classifier cross-entropy
     4 numerics    Dormand-Prince 5(4), for the ODE sampler and the likelihood
     5 samplers    time grids; predictor-corrector (Algorithm 1), the probability-flow ODE; then
                   EDM's Heun and stochastic samplers, DPM-Solver++(2M) with and without noise
-    6 sample      the solver table, `sample`; imputation: inpainting, colorization (appendix I);
-                  classifier-free and classifier guidance (eq. 14)
+    6 sample      solver table, `sample`; inpainting, colorization (appendix I); guidance (eq. 14)
     7 likelihood  log-likelihood (appendix D.2), bits/dim, encode and decode (section 4.3)
 
 Samplers take any `score_fn(x, t)`, so test_sgm.py drives them with exact Gaussian scores; their
@@ -425,8 +423,7 @@ def training_times(sde, batch, noise_sampling, eps, device, likelihood_weighting
 
 
 def classifier_loss(net, sde, x, labels, eps=1e-5, noise_sampling="uniform"):
-    """Cross-entropy of the noise-conditional classifier on x(t) = a x + std z from the kernel,
-    with t drawn as for eq. 7 by `training_times` (unweighted: fit under that law of t)."""
+    """Cross-entropy of p_t(y | x(t)) on x(t) from the kernel, t drawn as for eq. 7, unweighted."""
     t = training_times(sde, len(x), noise_sampling, eps, x.device)[0]
     mean, std = sde.marginal_prob(x, t)
     x_t = mean + append_dims(std, x.ndim) * torch.randn_like(x)
@@ -438,10 +435,15 @@ def classifier_loss(net, sde, x, labels, eps=1e-5, noise_sampling="uniform"):
 # The 7th stage is at the new point (first same as last).
 
 DOPRI_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
-DOPRI_A = ((), (1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
-           (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-           (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-           (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84))  # fmt: skip
+DOPRI_A = (
+    (),
+    (1 / 5,),
+    (3 / 40, 9 / 40),
+    (44 / 45, -56 / 15, 32 / 9),
+    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
+)
 DOPRI_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
 DOPRI_ERR = tuple(b5 - b4 for b5, b4 in zip(DOPRI_A[6] + (0.0,), DOPRI_B4, strict=True))
 
@@ -813,8 +815,7 @@ COLOR_MATRIX = torch.tensor([[2**0.5, -2, 0], [2**0.5, 1, 3**0.5], [2**0.5, 1, -
 
 
 def colorize(score_fn, sde, gray, solver="pc", steps=None, matrix=COLOR_MATRIX, **kwargs):
-    """Colorization (appendix I): RGB images (B, 3, H, W) with the gray level of `gray` (R = G = B
-    or any RGB image), channel 0 of x M, imputed in the decoupled space. -> (x, nfe)"""
+    """Colorization (appendix I): RGB images keeping the gray level (channel 0 of x M) of `gray`."""
     mask = torch.tensor([1.0, 0.0, 0.0], device=gray.device)[:, None, None]  # known: channel 0
     return inpaint(score_fn, sde, gray, mask, solver, steps, matrix=matrix, **kwargs)
 
@@ -836,8 +837,7 @@ def guided_score(score, labels, w):
 
 
 def classifier_guided_score(score_fn, classifier, labels, w=1.0):
-    """Eq. 14: s(x, t) + w grad_x log p_t(y | x(t)) for classifier(x, t) -> logits (B, classes), a
-    score for any solver. w = 1 is the paper's; w > 1 sharpens p_t(y | x) (Dhariwal & Nichol)."""
+    """Eq. 14: s + w grad_x log p_t(y | x(t)), classifier(x, t) giving logits; w = 1 the paper's."""
     log_p = lambda x, t: F.log_softmax(classifier(x, t).float(), 1).gather(1, labels[:, None]).sum()
     return lambda x, t: score_fn(x, t) + w * torch.func.grad(log_p)(x, t).to(x.dtype)
 
