@@ -2550,3 +2550,11 @@ def test_label_keywords_come_before_class_names():
     assert sample.make_labels("2", ckpt, 1, "sample", 0)[0].tolist() == [2]  # the name "2" is index 2
     nfd = "U\u0308n\u0131\u0308code".replace("\u0131\u0308", "\u00ef")  # decomposed Ü, as macOS writes it
     assert sample.make_labels(nfd, ckpt, 1, "sample", 0)[0].tolist() == [3]
+
+
+def test_the_shipped_noise_classifier_guides_the_shipped_model(tmp_path):
+    clf = checkpoint.load(os.path.join(HERE, "checkpoints", "noise_classifier.pt"), kind="classifier")
+    assert clf.classes == data.FASHION and clf.sde.name == checkpoint.load(cli.SHIPPED).sde.name
+    r = run_sample("--classifier", os.path.join(HERE, "checkpoints", "noise_classifier.pt"), "--label", "sneaker", "--classifier-scale", 10,
+                   "--n", 2, "--steps", 2, "--out", tmp_path / "s.png")
+    assert r.exit_code == 0 and "by the classifier, w = 10" in r.output, r.output
