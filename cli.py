@@ -1,7 +1,7 @@
 """
 The scripts' edge, shared by train.py, sample.py and evaluate.py: one error handler, the checks
-and click types of what users type (numbers, lists, output paths, solver options), devices, and
-the checkpoint a command uses.
+and click types of what users type (numbers, lists, output paths, solver options), devices, the
+checkpoint a command uses, a console that survives a closed pipe, and the machine's description.
 """
 
 import errno
