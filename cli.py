@@ -20,6 +20,10 @@ import sgm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHIPPED = os.path.join(HERE, "checkpoints", "fmnist.pt")
+DATA_ROOT = os.path.join(HERE, "data")  # --data-root's default, wherever the scripts are run from
+data_root_option = click.option("--data-root", type=click.Path(file_okay=False), default=DATA_ROOT,
+                                show_default=True, help="Where named datasets are downloaded, and "
+                                "folders' decoded images cached.")  # fmt: skip
 
 
 class OneLineErrors:

@@ -32,7 +32,7 @@ import files
 import sgm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DATA_DIR = os.path.join(HERE, "data")  # the scripts' --data-root, wherever they are run from
+DATA_DIR = cli.DATA_ROOT  # the scripts' --data-root
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 FILES = (
     "train-images-idx3-ubyte",

@@ -289,11 +289,10 @@ steps_option = click.option("--steps", type=STEPS, default=None, help="[the solv
 
 def data_options(command):
     """--classifier (the FD features and their dataset) and --data-root."""
-    root = click.option("--data-root", type=click.Path(file_okay=False), default=data.DATA_DIR)
     classifier = click.option("--classifier", type=click.Path(dir_okay=False),
                               help="FD feature network (train-classifier --out) "
                               "[checkpoints/classifier.pt: FashionMNIST's].")  # fmt: skip
-    return classifier(root(command))
+    return classifier(cli.data_root_option(command))
 
 
 labels_option = click.option(
@@ -389,7 +388,7 @@ def fd_command(ckpt_path, arm, steps, n, rtol, atol, seed, labels, device, class
 @click.option("--seed", type=cli.SEED, default=0)
 @device_option
 @click.option("--data", "data_spec", help="Test images [the checkpoint's own dataset's].")
-@click.option("--data-root", type=click.Path(file_okay=False), default=data.DATA_DIR)
+@cli.data_root_option
 def bpd_command(ckpt_path, n, batch_size, rtol, atol, seed, device, data_spec, data_root):
     """Test-set bits/dim with uniform dequantization and the Hutchinson trace estimator."""
     device, ckpt_path = cli.resolve_device(device), cli.find_checkpoint(ckpt_path)
@@ -974,7 +973,7 @@ def speed_command(batch_size, channels, model, iters, device):
 @click.option("--data", "data_spec", default="fashion-mnist", help="A labelled dataset.")
 @click.option("--image-size", type=click.IntRange(1, 4096), help="As train.py's.")
 @click.option("--grayscale", is_flag=True, help="As train.py's.")
-@click.option("--data-root", type=click.Path(file_okay=False), default=data.DATA_DIR)
+@cli.data_root_option
 @click.option("--epochs", type=click.IntRange(1), help="[5, or enough for 2,000 steps]")
 @click.option("--out", default=CLASSIFIER, show_default=True, help="The FD feature network.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (else refused).")

@@ -184,12 +184,7 @@ def interpolate(score_fn, sde, x_a, x_b, n=8, **kwargs):
     help="Test images for --inpaint/--colorize/--interpolate: a dataset "
     "as train.py takes it [the checkpoint's].",
 )
-@click.option(
-    "--data-root",
-    type=click.Path(file_okay=False),
-    default=data.DATA_DIR,
-    help="Where named datasets are, and folders' decoded images cached.",
-)
+@cli.data_root_option
 def main(ckpt_path, solver, n, steps, eps, seed, device, ema, batch_size, out, label, guidance,
          classifier_path, classifier_scale, inpaint, colorize, from_test, pair, data_spec,
          data_root, **flags):  # fmt: skip

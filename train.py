@@ -506,13 +506,7 @@ PRESET_HELP = (
     help="fashion-mnist, mnist, "
     "cifar10, a folder of images (first-level subfolders: classes) or an .npz file.",
 )
-@click.option(
-    "--data-root",
-    type=click.Path(file_okay=False),
-    default=data.DATA_DIR,
-    show_default=True,
-    help="Downloads, and the cache of decoded folders.",
-)
+@cli.data_root_option
 @click.option(
     "--image-size",
     type=click.IntRange(1, 4096),
