@@ -380,6 +380,23 @@ def fd_command(ckpt_path, arm, steps, n, rtol, atol, seed, labels, device, class
     )
 
 
+def standard_error(values):
+    """Of the mean of a 1-d tensor; nan for one value."""
+    return float(values.std() / math.sqrt(len(values))) if len(values) > 1 else math.nan
+
+
+def read_per_image(path, header, count):
+    """The `count` values that `bpd --out` wrote to `path`, if measured as `header` says."""
+    try:
+        with open(path) as f:
+            first, values = f.readline().rstrip("\n"), [float(line) for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise sgm.SGMError(f"--against {path}: not a file from bpd --out ({e})") from None
+    if first.partition(" | ")[0] != f"# {header}" or len(values) != count:
+        raise sgm.SGMError(f"--against {path} was not measured as this run is ({header})")
+    return torch.tensor(values).double()  # float32, as measured: a model against itself gives 0
+
+
 @main.command("bpd")
 @ckpt_option
 @click.option("--n", type=click.IntRange(1, 10000), default=None, help="Test images [all 10000].")
@@ -389,22 +406,34 @@ def fd_command(ckpt_path, arm, steps, n, rtol, atol, seed, labels, device, class
 @device_option
 @click.option("--data", "data_spec", help="Test images [the checkpoint's own dataset's].")
 @cli.data_root_option
-def bpd_command(ckpt_path, n, batch_size, rtol, atol, seed, device, data_spec, data_root):
+@click.option("--out", help="Also write each image's bits/dim to this text file.")
+@click.option(
+    "--against",
+    help="A file from --out, measured the same way on another model: print the paired difference.",
+)
+def bpd_command(
+    ckpt_path, n, batch_size, rtol, atol, seed, device, data_spec, data_root, out, against
+):
     """Test-set bits/dim with uniform dequantization and the Hutchinson trace estimator."""
     device, ckpt_path = cli.resolve_device(device), cli.find_checkpoint(ckpt_path)
     ckpt = checkpoint.load(ckpt_path, device)
-    cfg = ckpt.train_config
-    images = data.load_shaped(
-        data_spec or cfg.data,
-        data_root,
-        False,
-        cfg.image_size,
-        cfg.grayscale,
-        ckpt.shape,
-        ckpt_path,
-        note=console.print,
-    ).images
+    cfg, spec = ckpt.train_config, data_spec or ckpt.train_config.data
+    shape = (cfg.image_size, cfg.grayscale, ckpt.shape)
+    images = data.load_shaped(spec, data_root, False, *shape, ckpt_path, note=console.print).images
+    if n and n > len(images):
+        console.print(f"note: the test set holds {len(images)} images; --n {n} uses them all")
     images = images[:n] if n else images
+    # Images, seed and batch size fix the dequantization and trace noise: two files that agree
+    # here drew the same noise for every image, so their per-image difference is paired.
+    header = (
+        f"bits/dim per image: the first {len(images)} test images of {spec}, seed {seed}, "
+        f"batch size {batch_size}, rtol {rtol} atol {atol}"
+    )
+    theirs = read_per_image(against, header, len(images)) if against else None
+    if out:
+        cli.check_not_input(out, [ckpt_path, spec, *([against] if against else [])], "an input")
+        cli.check_writable(out)
+    score, options = ckpt.score_fn(), dict(rtol=rtol, atol=atol)
     generator = torch.Generator(device).manual_seed(seed)
     values, nfes, start = [], [], time.time()
     with Progress(console=console) as progress:
@@ -412,25 +441,28 @@ def bpd_command(ckpt_path, n, batch_size, rtol, atol, seed, device, data_spec, d
         for i in range(0, len(images), batch_size):
             batch = images[i : i + batch_size].to(device)
             bpd, nfe = sgm.bits_per_dim(
-                ckpt.score_fn(),
-                ckpt.sde,
-                batch,
-                ckpt.data_range,
-                generator=generator,
-                rtol=rtol,
-                atol=atol,
+                score, ckpt.sde, batch, ckpt.data_range, **options, generator=generator
             )
             values.append(bpd.cpu())
             nfes.append(nfe)
             progress.advance(task, len(bpd))
-    values = torch.cat(values)
-    se = float(values.std() / math.sqrt(len(values))) if len(values) > 1 else float("nan")
+    values = torch.cat(values).double()
     console.print(
-        f"bits/dim {values.mean():.3f} +- {se:.3f} (standard error) over {len(values)} test "
-        f"images, {sum(nfes) / len(nfes):.0f} NFE per batch, {time.time() - start:.0f} s, "
-        f"rtol {rtol} atol {atol} | "
+        f"bits/dim {values.mean():.3f} +- {standard_error(values):.3f} (standard error) over "
+        f"{len(values)} test images, {sum(nfes) / len(nfes):.0f} NFE per batch, "
+        f"{time.time() - start:.0f} s, rtol {rtol} atol {atol} | "
         f"{ckpt_path} | {cli.machine()}, {device}"
     )
+    if out:
+        lines = "".join(f"{v:.9g}\n" for v in values.tolist())  # 9 digits: float32 exactly
+        files.save_text(f"# {header} | {ckpt_path}\n{lines}", out)
+        wrote(out)
+    if theirs is not None:
+        difference = values - theirs
+        console.print(
+            f"this - {against}: {difference.mean():+.4f} +- {standard_error(difference):.4f} "
+            f"bits/dim (standard error of the {len(values)} paired differences)"
+        )
 
 
 SWEEP_STEPS = {  # step counts per solver; the ODE's are tolerances

@@ -1233,6 +1233,34 @@ def test_classifier_hash_check_fails_on_a_modified_file(tmp_path, monkeypatch):
         evaluate.load_classifier()
 
 
+def test_bpd_per_image_file_and_paired_difference(tiny_ckpt, tmp_path, few_test_images):
+    """--out writes one value per image; --against pairs them: the same model and noise differ by
+    exactly zero, another model by its own mean difference; other settings are refused."""
+    args = ["--n", 4, "--batch-size", 2, "--rtol", 1e-2, "--atol", 1e-2, "--device", "cpu"]
+    r = run_evaluate("bpd", "--ckpt", tiny_ckpt / "tiny.pt", *args, "--out", tmp_path / "a.txt")
+    assert r.exit_code == 0, r.output
+    lines = (tmp_path / "a.txt").read_text().splitlines()
+    assert lines[0].startswith("# bits/dim per image: the first 4 test images") and len(lines) == 5
+    mean = sum(float(v) for v in lines[1:]) / 4
+    assert f"bits/dim {mean:.3f}" in r.output
+    r = run_evaluate("bpd", "--ckpt", tiny_ckpt / "tiny.pt", *args, "--against", tmp_path / "a.txt")
+    assert r.exit_code == 0 and "+0.0000 +- 0.0000 bits/dim" in r.output, r.output
+    r = run_evaluate("bpd", "--ckpt", tiny_ckpt / "subvp.pt", *args, "--against", tmp_path / "a.txt",
+                     "--out", tmp_path / "b.txt")
+    assert r.exit_code == 0, r.output
+    b = [float(v) for v in (tmp_path / "b.txt").read_text().splitlines()[1:]]
+    difference = sum(x - float(y) for x, y in zip(b, lines[1:])) / 4
+    assert f"{difference:+.4f} +- " in r.output and "4 paired differences" in r.output
+    for other, message in ((["--seed", 1], "was not measured as"), (["--n", 3], "was not measured as")):
+        r = run_evaluate("bpd", "--ckpt", tiny_ckpt / "tiny.pt", *args, *other, "--against", tmp_path / "a.txt")
+        assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, r.output
+    (tmp_path / "bad.txt").write_text("# bits/dim\nnot a number\n")
+    r = run_evaluate("bpd", "--ckpt", tiny_ckpt / "tiny.pt", *args, "--against", tmp_path / "bad.txt")
+    assert r.exit_code == 1 and "not a file from bpd --out" in r.output, r.output
+    r = run_evaluate("bpd", "--ckpt", tiny_ckpt / "tiny.pt", *args, "--out", tiny_ckpt / "tiny.pt")
+    assert r.exit_code == 1 and "an input itself" in r.output, r.output
+
+
 def test_evaluate_bpd_sweep_guidance_and_speed(tiny_ckpt, tmp_path, few_test_images):
     r = run_evaluate("bpd", "--ckpt", tiny_ckpt / "tiny.pt", "--n", 4, "--batch-size", 2, "--rtol", 1e-2, "--atol", 1e-2, "--device", "cpu")
     assert r.exit_code == 0, r.output
