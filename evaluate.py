@@ -385,21 +385,45 @@ def standard_error(values):
     return float(values.std() / math.sqrt(len(values))) if len(values) > 1 else math.nan
 
 
+PER_IMAGE = "# bits/dim per image: "  # the first line of a bpd --out file begins so
+
+
 def read_per_image(path, header, count):
-    """The `count` values that `bpd --out` wrote to `path`, if measured as `header` says."""
+    """The `count` values that `bpd --out` wrote to `path`, and the checkpoint they are of, if
+    measured as `header` says."""
     try:
         with open(path) as f:
             first, values = f.readline().rstrip("\n"), [float(line) for line in f if line.strip()]
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise sgm.SGMError(f"--against {path}: not a file from bpd --out ({e})") from None
-    if first.partition(" | ")[0] != f"# {header}" or len(values) != count:
-        raise sgm.SGMError(f"--against {path} was not measured as this run is ({header})")
-    return torch.tensor(values).double()  # float32, as measured: a model against itself gives 0
+    except OSError as e:
+        raise sgm.SGMError(f"--against {path}: cannot read it ({e.strerror})") from None
+    except (UnicodeDecodeError, ValueError):
+        raise sgm.SGMError(f"--against {path}: not a file from bpd --out") from None
+    settings, _, their_ckpt = first.removeprefix(PER_IMAGE).partition(" | ")
+    if not first.startswith(PER_IMAGE) or settings != header:
+        raise sgm.SGMError(f"--against {path} was measured as '{settings}', not '{header}'")
+    values = torch.tensor(values).double()  # float32, as measured: a model against itself gives 0
+    if len(values) != count or not values.isfinite().all():
+        raise sgm.SGMError(f"--against {path}: {len(values)} values, not {count} finite ones")
+    return values, their_ckpt
+
+
+def check_replaceable(out):
+    """bpd --out may replace only a file that bpd --out wrote: no dataset, checkpoint or other file
+    of the user's."""
+    try:
+        with open(out, "rb") as f:
+            ours = f.read(len(PER_IMAGE)) == PER_IMAGE.encode()
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise sgm.SGMError(f"--out {out}: {e.strerror}") from None
+    if not ours:
+        raise sgm.SGMError(f"--out {out} exists and is not a file from bpd --out; write elsewhere")
 
 
 @main.command("bpd")
 @ckpt_option
-@click.option("--n", type=click.IntRange(1, 10000), default=None, help="Test images [all 10000].")
+@click.option("--n", type=click.IntRange(1, 10000), default=None, help="Test images [all].")
 @click.option("--batch-size", type=click.IntRange(1, cli.MAX_BATCH), default=250)
 @tolerance_options
 @click.option("--seed", type=cli.SEED, default=0)
@@ -421,17 +445,19 @@ def bpd_command(
     shape = (cfg.image_size, cfg.grayscale, ckpt.shape)
     images = data.load_shaped(spec, data_root, False, *shape, ckpt_path, note=console.print).images
     if n and n > len(images):
-        console.print(f"note: the test set holds {len(images)} images; --n {n} uses them all")
+        console.print(f"note: the test split has only {len(images)} image(s); all are used")
     images = images[:n] if n else images
-    # Images, seed and batch size fix the dequantization and trace noise: two files that agree
-    # here drew the same noise for every image, so their per-image difference is paired.
+    # The images (by content), seed, batch size and device fix the dequantization and trace noise:
+    # two files that agree here drew the same noise for every image, so their difference is paired.
+    digest = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
     header = (
-        f"bits/dim per image: the first {len(images)} test images of {spec}, seed {seed}, "
-        f"batch size {batch_size}, rtol {rtol} atol {atol}"
+        f"{len(images)} test images {data.shape_text(images.shape[1:])} (sha256 {digest}), "
+        f"seed {seed}, batch size {batch_size}, rtol {rtol} atol {atol}, {device}"
     )
-    theirs = read_per_image(against, header, len(images)) if against else None
+    theirs, their_ckpt = read_per_image(against, header, len(images)) if against else (None, "")
     if out:
-        cli.check_not_input(out, [ckpt_path, spec, *([against] if against else [])], "an input")
+        cli.check_not_input(out, [ckpt_path, *([against] if against else [])], "an input")
+        check_replaceable(out)
         cli.check_writable(out)
     score, options = ckpt.score_fn(), dict(rtol=rtol, atol=atol)
     generator = torch.Generator(device).manual_seed(seed)
@@ -455,13 +481,14 @@ def bpd_command(
     )
     if out:
         lines = "".join(f"{v:.9g}\n" for v in values.tolist())  # 9 digits: float32 exactly
-        files.save_text(f"# {header} | {ckpt_path}\n{lines}", out)
+        files.save_text(f"{PER_IMAGE}{header} | {ckpt_path}\n{lines}", out)
         wrote(out)
     if theirs is not None:
         difference = values - theirs
         console.print(
-            f"this - {against}: {difference.mean():+.4f} +- {standard_error(difference):.4f} "
-            f"bits/dim (standard error of the {len(values)} paired differences)"
+            f"paired difference, {ckpt_path} - {their_ckpt} (--against): {difference.mean():+.4f} "
+            f"+- {standard_error(difference):.4f} bits/dim, the standard error of the "
+            f"{len(values)} per-image differences"
         )
 
 

@@ -1235,12 +1235,13 @@ def test_classifier_hash_check_fails_on_a_modified_file(tmp_path, monkeypatch):
 
 def test_bpd_per_image_file_and_paired_difference(tiny_ckpt, tmp_path, few_test_images):
     """--out writes one value per image; --against pairs them: the same model and noise differ by
-    exactly zero, another model by its own mean difference; other settings are refused."""
+    exactly zero, another model by its own mean difference; other settings, broken files and
+    outputs over a file bpd did not write are refused."""
     args = ["--n", 4, "--batch-size", 2, "--rtol", 1e-2, "--atol", 1e-2, "--device", "cpu"]
     r = run_evaluate("bpd", "--ckpt", tiny_ckpt / "tiny.pt", *args, "--out", tmp_path / "a.txt")
     assert r.exit_code == 0, r.output
     lines = (tmp_path / "a.txt").read_text().splitlines()
-    assert lines[0].startswith("# bits/dim per image: the first 4 test images") and len(lines) == 5
+    assert lines[0].startswith("# bits/dim per image: 4 test images 1x28x28 (sha256 ") and len(lines) == 5
     mean = sum(float(v) for v in lines[1:]) / 4
     assert f"bits/dim {mean:.3f}" in r.output
     r = run_evaluate("bpd", "--ckpt", tiny_ckpt / "tiny.pt", *args, "--against", tmp_path / "a.txt")
@@ -1250,15 +1251,22 @@ def test_bpd_per_image_file_and_paired_difference(tiny_ckpt, tmp_path, few_test_
     assert r.exit_code == 0, r.output
     b = [float(v) for v in (tmp_path / "b.txt").read_text().splitlines()[1:]]
     difference = sum(x - float(y) for x, y in zip(b, lines[1:])) / 4
-    assert f"{difference:+.4f} +- " in r.output and "4 paired differences" in r.output
-    for other, message in ((["--seed", 1], "was not measured as"), (["--n", 3], "was not measured as")):
-        r = run_evaluate("bpd", "--ckpt", tiny_ckpt / "tiny.pt", *args, *other, "--against", tmp_path / "a.txt")
-        assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, r.output
+    assert f"{difference:+.4f} +- " in r.output and "4 per-image differences" in r.output
+    assert f"subvp.pt - {tiny_ckpt / 'tiny.pt'}" in r.output
+    (tmp_path / "nan.txt").write_text("\n".join([lines[0], "nan", *lines[2:]]) + "\n")
     (tmp_path / "bad.txt").write_text("# bits/dim\nnot a number\n")
-    r = run_evaluate("bpd", "--ckpt", tiny_ckpt / "tiny.pt", *args, "--against", tmp_path / "bad.txt")
-    assert r.exit_code == 1 and "not a file from bpd --out" in r.output, r.output
-    r = run_evaluate("bpd", "--ckpt", tiny_ckpt / "tiny.pt", *args, "--out", tiny_ckpt / "tiny.pt")
-    assert r.exit_code == 1 and "an input itself" in r.output, r.output
+    (tmp_path / "mine.txt").write_text("my notes\n")
+    for other, message in ((["--seed", 1], "was measured as"), (["--n", 3], "was measured as"),
+                           (["--against", tmp_path / "nan.txt"], "not 4 finite ones"),
+                           (["--against", tmp_path / "bad.txt"], "not a file from bpd --out"),
+                           (["--against", tmp_path / "missing.txt"], "cannot read it"),
+                           (["--out", tiny_ckpt / "tiny.pt"], "an input itself"),
+                           (["--out", tmp_path / "mine.txt"], "is not a file from bpd --out")):
+        if "--against" not in other:
+            other = [*other, "--against", tmp_path / "a.txt"]
+        r = run_evaluate("bpd", "--ckpt", tiny_ckpt / "tiny.pt", *args, *other)
+        assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, (other, r.output)
+    assert (tmp_path / "mine.txt").read_text() == "my notes\n"
 
 
 def test_evaluate_bpd_sweep_guidance_and_speed(tiny_ckpt, tmp_path, few_test_images):
