@@ -421,6 +421,22 @@ def check_replaceable(out):
         raise sgm.SGMError(f"--out {out} exists and is not a file from bpd --out; write elsewhere")
 
 
+def per_image_bpd(ckpt, images, batch_size, generator, **options):
+    """Each image's bits/dim (float64, N) and the mean NFE per batch, with a progress bar."""
+    score, values, nfes = ckpt.score_fn(), [], []
+    with Progress(console=console) as progress:
+        task = progress.add_task("bits/dim", total=len(images))
+        for i in range(0, len(images), batch_size):
+            batch = images[i : i + batch_size].to(generator.device)
+            bpd, nfe = sgm.bits_per_dim(
+                score, ckpt.sde, batch, ckpt.data_range, generator=generator, **options
+            )
+            values.append(bpd.cpu())
+            nfes.append(nfe)
+            progress.advance(task, len(bpd))
+    return torch.cat(values).double(), sum(nfes) / len(nfes)
+
+
 @main.command("bpd")
 @ckpt_option
 @click.option("--n", type=click.IntRange(1, 10000), default=None, help="Test images [all].")
@@ -459,23 +475,12 @@ def bpd_command(
         cli.check_not_input(out, [ckpt_path, *([against] if against else [])], "an input")
         check_replaceable(out)
         cli.check_writable(out)
-    score, options = ckpt.score_fn(), dict(rtol=rtol, atol=atol)
+    start = time.time()
     generator = torch.Generator(device).manual_seed(seed)
-    values, nfes, start = [], [], time.time()
-    with Progress(console=console) as progress:
-        task = progress.add_task("bits/dim", total=len(images))
-        for i in range(0, len(images), batch_size):
-            batch = images[i : i + batch_size].to(device)
-            bpd, nfe = sgm.bits_per_dim(
-                score, ckpt.sde, batch, ckpt.data_range, **options, generator=generator
-            )
-            values.append(bpd.cpu())
-            nfes.append(nfe)
-            progress.advance(task, len(bpd))
-    values = torch.cat(values).double()
+    values, nfe = per_image_bpd(ckpt, images, batch_size, generator, rtol=rtol, atol=atol)
     console.print(
         f"bits/dim {values.mean():.3f} +- {standard_error(values):.3f} (standard error) over "
-        f"{len(values)} test images, {sum(nfes) / len(nfes):.0f} NFE per batch, "
+        f"{len(values)} test images, {nfe:.0f} NFE per batch, "
         f"{time.time() - start:.0f} s, rtol {rtol} atol {atol} | "
         f"{ckpt_path} | {cli.machine()}, {device}"
     )
