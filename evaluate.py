@@ -2,7 +2,8 @@
 Measure a score-based model: sample quality, test-set bits/dim, quality against cost, and speed.
 
     python evaluate.py fd --ckpt runs/vp/ckpt.pt --solver heun --steps 18 --n 2000
-    python evaluate.py bpd --ckpt runs/vp/ckpt.pt --n 500
+    python evaluate.py bpd --ckpt runs/vp/ckpt.pt --n 500 --out vp.txt     # and each image's
+    python evaluate.py bpd-diff vp.txt ve.txt                              # paired: ve - vp
     python evaluate.py sweep --ckpt runs/vp/ckpt.pt --n 500 --out sweep     # sweep.md and sweep.png
     python evaluate.py compare runs/ve/ckpt.pt runs/vp/ckpt.pt --n 500      # SDE x solver table
     python evaluate.py export runs/vp/ckpt.pt --out my.pt                  # EMA-only, fp16
@@ -388,23 +389,23 @@ def standard_error(values):
 PER_IMAGE = "# bits/dim per image: "  # the first line of a bpd --out file begins so
 
 
-def read_per_image(path, header, count):
-    """The `count` values that `bpd --out` wrote to `path`, and the checkpoint they are of, if
-    measured as `header` says."""
+def read_per_image(path):
+    """A `bpd --out` file: (how it was measured, the checkpoint, its values as float64)."""
     try:
         with open(path) as f:
             first, values = f.readline().rstrip("\n"), [float(line) for line in f if line.strip()]
     except OSError as e:
-        raise sgm.SGMError(f"--against {path}: cannot read it ({e.strerror})") from None
+        raise sgm.SGMError(f"{path}: cannot read it ({e.strerror})") from None
     except (UnicodeDecodeError, ValueError):
-        raise sgm.SGMError(f"--against {path}: not a file from bpd --out") from None
-    settings, _, their_ckpt = first.removeprefix(PER_IMAGE).partition(" | ")
-    if not first.startswith(PER_IMAGE) or settings != header:
-        raise sgm.SGMError(f"--against {path} was measured as '{settings}', not '{header}'")
+        first = ""
+    settings, _, ckpt_path = first.removeprefix(PER_IMAGE).partition(" | ")
+    count = settings.partition(" ")[0]
+    if not first.startswith(PER_IMAGE) or count != str(len(values)):
+        raise sgm.SGMError(f"{path}: not a file from bpd --out")
     values = torch.tensor(values).double()  # float32, as measured: a model against itself gives 0
-    if len(values) != count or not values.isfinite().all():
-        raise sgm.SGMError(f"--against {path}: {len(values)} values, not {count} finite ones")
-    return values, their_ckpt
+    if not values.isfinite().all():
+        raise sgm.SGMError(f"{path}: holds a value that is not finite")
+    return settings, ckpt_path, values
 
 
 def check_replaceable(out):
@@ -446,14 +447,8 @@ def per_image_bpd(ckpt, images, batch_size, generator, **options):
 @device_option
 @click.option("--data", "data_spec", help="Test images [the checkpoint's own dataset's].")
 @cli.data_root_option
-@click.option("--out", help="Also write each image's bits/dim to this text file.")
-@click.option(
-    "--against",
-    help="A file from --out, measured the same way on another model: print the paired difference.",
-)
-def bpd_command(
-    ckpt_path, n, batch_size, rtol, atol, seed, device, data_spec, data_root, out, against
-):
+@click.option("--out", help="Also write each image's bits/dim to this file (for bpd-diff).")
+def bpd_command(ckpt_path, n, batch_size, rtol, atol, seed, device, data_spec, data_root, out):
     """Test-set bits/dim with uniform dequantization and the Hutchinson trace estimator."""
     device, ckpt_path = cli.resolve_device(device), cli.find_checkpoint(ckpt_path)
     ckpt = checkpoint.load(ckpt_path, device)
@@ -464,15 +459,14 @@ def bpd_command(
         console.print(f"note: the test split has only {len(images)} image(s); all are used")
     images = images[:n] if n else images
     # The images (by content), seed, batch size and device fix the dequantization and trace noise:
-    # two files that agree here drew the same noise for every image, so their difference is paired.
+    # two files that agree here drew the same noise for every image (bpd-diff pairs them).
     digest = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
     header = (
         f"{len(images)} test images {data.shape_text(images.shape[1:])} (sha256 {digest}), "
         f"seed {seed}, batch size {batch_size}, rtol {rtol} atol {atol}, {device}"
     )
-    theirs, their_ckpt = read_per_image(against, header, len(images)) if against else (None, "")
     if out:
-        cli.check_not_input(out, [ckpt_path, *([against] if against else [])], "an input")
+        cli.check_not_input(out, [ckpt_path], "an input")
         check_replaceable(out)
         cli.check_writable(out)
     start = time.time()
@@ -488,13 +482,25 @@ def bpd_command(
         lines = "".join(f"{v:.9g}\n" for v in values.tolist())  # 9 digits: float32 exactly
         files.save_text(f"{PER_IMAGE}{header} | {ckpt_path}\n{lines}", out)
         wrote(out)
-    if theirs is not None:
-        difference = values - theirs
-        console.print(
-            f"paired difference, {ckpt_path} - {their_ckpt} (--against): {difference.mean():+.4f} "
-            f"+- {standard_error(difference):.4f} bits/dim, the standard error of the "
-            f"{len(values)} per-image differences"
+
+
+@main.command("bpd-diff")
+@click.argument("first", type=click.Path(dir_okay=False))
+@click.argument("second", type=click.Path(dir_okay=False))
+def bpd_diff_command(first, second):
+    """SECOND - FIRST: the paired difference of two bpd --out files of the same images and noise."""
+    (a_settings, a_ckpt, a), (b_settings, b_ckpt, b) = map(read_per_image, (first, second))
+    if a_settings != b_settings:
+        raise sgm.SGMError(
+            f"not measured alike, so not paired: {first} is '{a_settings}', {second} '{b_settings}'"
         )
+    for path, ckpt_path, values in ((first, a_ckpt, a), (second, b_ckpt, b)):
+        mean, se = values.mean(), standard_error(values)
+        console.print(f"{mean:.4f} +- {se:.4f} bits/dim: {ckpt_path} ({path})")
+    console.print(
+        f"second - first: {(b - a).mean():+.4f} +- {standard_error(b - a):.4f} bits/dim, the "
+        f"standard error of the {len(a)} per-image differences ({a_settings})"
+    )
 
 
 SWEEP_STEPS = {  # step counts per solver; the ODE's are tolerances

@@ -1234,38 +1234,35 @@ def test_classifier_hash_check_fails_on_a_modified_file(tmp_path, monkeypatch):
 
 
 def test_bpd_per_image_file_and_paired_difference(tiny_ckpt, tmp_path, few_test_images):
-    """--out writes one value per image; --against pairs them: the same model and noise differ by
-    exactly zero, another model by its own mean difference; other settings, broken files and
-    outputs over a file bpd did not write are refused."""
+    """bpd --out writes one value per image; bpd-diff pairs two files: the same model and noise
+    differ by exactly zero, another model by its own mean difference; files measured otherwise,
+    broken files and --out over a file bpd did not write are refused."""
     args = ["--n", 4, "--batch-size", 2, "--rtol", 1e-2, "--atol", 1e-2, "--device", "cpu"]
-    r = run_evaluate("bpd", "--ckpt", tiny_ckpt / "tiny.pt", *args, "--out", tmp_path / "a.txt")
-    assert r.exit_code == 0, r.output
+    for name, ckpt, more in (("a", "tiny.pt", []), ("a2", "tiny.pt", []), ("b", "subvp.pt", []),
+                             ("seed", "tiny.pt", ["--seed", 1]), ("n3", "tiny.pt", ["--n", 3])):
+        r = run_evaluate("bpd", "--ckpt", tiny_ckpt / ckpt, *args, *more, "--out", tmp_path / f"{name}.txt")
+        assert r.exit_code == 0, r.output
     lines = (tmp_path / "a.txt").read_text().splitlines()
     assert lines[0].startswith("# bits/dim per image: 4 test images 1x28x28 (sha256 ") and len(lines) == 5
-    mean = sum(float(v) for v in lines[1:]) / 4
-    assert f"bits/dim {mean:.3f}" in r.output
-    r = run_evaluate("bpd", "--ckpt", tiny_ckpt / "tiny.pt", *args, "--against", tmp_path / "a.txt")
-    assert r.exit_code == 0 and "+0.0000 +- 0.0000 bits/dim" in r.output, r.output
-    r = run_evaluate("bpd", "--ckpt", tiny_ckpt / "subvp.pt", *args, "--against", tmp_path / "a.txt",
-                     "--out", tmp_path / "b.txt")
-    assert r.exit_code == 0, r.output
-    b = [float(v) for v in (tmp_path / "b.txt").read_text().splitlines()[1:]]
-    difference = sum(x - float(y) for x, y in zip(b, lines[1:])) / 4
-    assert f"{difference:+.4f} +- " in r.output and "4 per-image differences" in r.output
-    assert f"subvp.pt - {tiny_ckpt / 'tiny.pt'}" in r.output
+    r = run_evaluate("bpd-diff", tmp_path / "a.txt", tmp_path / "a2.txt")
+    assert r.exit_code == 0 and "second - first: +0.0000 +- 0.0000 bits/dim" in r.output, r.output
+    r = run_evaluate("bpd-diff", tmp_path / "a.txt", tmp_path / "b.txt")
+    a, b = ([float(v) for v in (tmp_path / f).read_text().splitlines()[1:]] for f in ("a.txt", "b.txt"))
+    difference = sum(y - x for x, y in zip(a, b)) / 4
+    assert r.exit_code == 0 and f"second - first: {difference:+.4f} +- " in r.output, r.output
+    assert f"{sum(a) / 4:.4f} +- " in r.output and str(tiny_ckpt / "subvp.pt") in r.output
     (tmp_path / "nan.txt").write_text("\n".join([lines[0], "nan", *lines[2:]]) + "\n")
+    (tmp_path / "short.txt").write_text("\n".join(lines[:-1]) + "\n")
     (tmp_path / "bad.txt").write_text("# bits/dim\nnot a number\n")
-    (tmp_path / "mine.txt").write_text("my notes\n")
-    for other, message in ((["--seed", 1], "was measured as"), (["--n", 3], "was measured as"),
-                           (["--against", tmp_path / "nan.txt"], "not 4 finite ones"),
-                           (["--against", tmp_path / "bad.txt"], "not a file from bpd --out"),
-                           (["--against", tmp_path / "missing.txt"], "cannot read it"),
-                           (["--out", tiny_ckpt / "tiny.pt"], "an input itself"),
-                           (["--out", tmp_path / "mine.txt"], "is not a file from bpd --out")):
-        if "--against" not in other:
-            other = [*other, "--against", tmp_path / "a.txt"]
-        r = run_evaluate("bpd", "--ckpt", tiny_ckpt / "tiny.pt", *args, *other)
+    for other, message in (("seed.txt", "not measured alike"), ("n3.txt", "not measured alike"),
+                           ("nan.txt", "not finite"), ("short.txt", "not a file from bpd --out"),
+                           ("bad.txt", "not a file from bpd --out"), ("missing.txt", "cannot read it")):
+        r = run_evaluate("bpd-diff", tmp_path / "a.txt", tmp_path / other)
         assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, (other, r.output)
+    (tmp_path / "mine.txt").write_text("my notes\n")
+    for out, message in ((tiny_ckpt / "tiny.pt", "an input itself"), (tmp_path / "mine.txt", "is not a file from bpd --out")):
+        r = run_evaluate("bpd", "--ckpt", tiny_ckpt / "tiny.pt", *args, "--out", out)
+        assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, r.output
     assert (tmp_path / "mine.txt").read_text() == "my notes\n"
 
 
