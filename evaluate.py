@@ -453,6 +453,11 @@ def bpd_command(ckpt_path, n, batch_size, rtol, atol, seed, device, data_spec, d
     device, ckpt_path = cli.resolve_device(device), cli.find_checkpoint(ckpt_path)
     ckpt = checkpoint.load(ckpt_path, device)
     cfg, spec = ckpt.train_config, data_spec or ckpt.train_config.data
+    if out:
+        cli.check_not_input(out, [ckpt_path], "an input")
+        data.check_not_into(out, spec)
+        check_replaceable(out)
+        cli.check_writable(out)
     shape = (cfg.image_size, cfg.grayscale, ckpt.shape)
     images = data.load_shaped(spec, data_root, False, *shape, ckpt_path, note=console.print).images
     if n and n > len(images):
@@ -465,10 +470,6 @@ def bpd_command(ckpt_path, n, batch_size, rtol, atol, seed, device, data_spec, d
         f"{len(images)} test images {data.shape_text(images.shape[1:])} (sha256 {digest}), "
         f"seed {seed}, batch size {batch_size}, rtol {rtol} atol {atol}, {device}"
     )
-    if out:
-        cli.check_not_input(out, [ckpt_path], "an input")
-        check_replaceable(out)
-        cli.check_writable(out)
     start = time.time()
     generator = torch.Generator(device).manual_seed(seed)
     values, nfe = per_image_bpd(ckpt, images, batch_size, generator, rtol=rtol, atol=atol)
