@@ -391,17 +391,17 @@ PER_IMAGE = "# bits/dim per image: "  # the first line of a bpd --out file begin
 
 def read_per_image(path):
     """A `bpd --out` file: (how it was measured, the checkpoint, its values as float64)."""
+    not_ours = sgm.SGMError(f"{path}: not a file from bpd --out")
     try:
         with open(path) as f:
             first, values = f.readline().rstrip("\n"), [float(line) for line in f if line.strip()]
     except OSError as e:
         raise sgm.SGMError(f"{path}: cannot read it ({e.strerror})") from None
     except (UnicodeDecodeError, ValueError):
-        first = ""
+        raise not_ours from None
     settings, _, ckpt_path = first.removeprefix(PER_IMAGE).partition(" | ")
-    count = settings.partition(" ")[0]
-    if not first.startswith(PER_IMAGE) or count != str(len(values)):
-        raise sgm.SGMError(f"{path}: not a file from bpd --out")
+    if not first.startswith(PER_IMAGE) or settings.partition(" ")[0] != str(len(values)):
+        raise not_ours
     values = torch.tensor(values).double()  # float32, as measured: a model against itself gives 0
     if not values.isfinite().all():
         raise sgm.SGMError(f"{path}: holds a value that is not finite")

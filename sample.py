@@ -221,7 +221,7 @@ def main(ckpt_path, solver, n, steps, eps, seed, device, ema, batch_size, out, l
     ckpt_path, device = cli.find_checkpoint(ckpt_path), cli.resolve_device(device)
     cli.check_not_input(out, [ckpt_path])
     ckpt = checkpoint.load(ckpt_path, device, use_ema=ema)
-    for spec in (ckpt.train_config.data, data_spec or ckpt.train_config.data):
+    for spec in {ckpt.train_config.data, data_spec or ckpt.train_config.data}:
         data.check_not_into(out, spec)  # a sample among the training images, or over them
     if data_spec and mode == "sample":
         console.print("note: --data gives the test images of --inpaint, --colorize and "
