@@ -654,7 +654,10 @@ def test_encode_decode_round_trip(sde):
 
 # ---------------------------------------------------------------- train.py
 
-def run_cli(*args, timeout=300, env=None):
+HANG = 600  # seconds: a wait for a subprocess that lasts this long is a hang, on any machine
+
+
+def run_cli(*args, timeout=HANG, env=None):
     return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
@@ -897,7 +900,7 @@ def test_train_resume_after_sigint_sigterm_and_sigkill_is_exact(tmp_path, monkey
     process = subprocess.Popen([sys.executable, "train.py", *longer, "--out", str(out)],
                                cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + HANG
         while time.time() < deadline and not ((out / "log.jsonl").exists() and len(read_log(out)) >= 5):
             time.sleep(0.02)
     finally:  # a Ctrl-C in the wait leaves no training process behind
@@ -958,7 +961,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     out = tmp_path / "ddp"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                         "train.py", *TRAIN_TINY, "--steps", "4", "--log-every", "2", "--sample-every", "1000", "--out", str(out)],
-                       cwd=HERE, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       cwd=HERE, capture_output=True, text=True, timeout=HANG, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "x2" in r.stderr and checkpoint.load(str(out / "ckpt.pt")).step == 4
     assert len(read_log(out)) == 2  # only rank 0 writes
@@ -1485,7 +1488,7 @@ import data
 import sample
 import sgm
 import train
-from test_sgm import TRAIN_TINY, invoke, restore_signal_handlers  # noqa: F401 (the autouse fixture)
+from test_sgm import HANG, TRAIN_TINY, invoke, restore_signal_handlers  # noqa: F401 (the autouse fixture)
 
 MARK = os.environ["SGM_CTRL_C_MARK"]
 
@@ -1501,12 +1504,12 @@ def test_train_loop(tmp_path, monkeypatch):
 
 
 def test_train_setup(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "load", lambda *a, **k: (inside(), time.sleep(300)))
+    monkeypatch.setattr(data, "load", lambda *a, **k: (inside(), time.sleep(HANG)))
     invoke(train.main, [*TRAIN_TINY, "--steps", 2, "--out", tmp_path / "run"])
 
 
 def test_sample(tmp_path, monkeypatch):
-    monkeypatch.setattr(sgm, "sample", lambda *a, **k: (inside(), time.sleep(300)))
+    monkeypatch.setattr(sgm, "sample", lambda *a, **k: (inside(), time.sleep(HANG)))
     invoke(sample.main, ["--device", "cpu", "--out", tmp_path / "x.png"])
 
 
@@ -1532,13 +1535,12 @@ def test_ctrl_c_inside_a_command_stops_pytest(tmp_path, case, sig):
                                env={**os.environ, "OMP_NUM_THREADS": "1", "SGM_CTRL_C_MARK": str(mark)},
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if ignored here
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + HANG
         while not mark.exists() and process.poll() is None and time.time() < deadline:
             time.sleep(0.05)
-        if mark.exists():
-            time.sleep(0.5)  # well inside the command
+        if mark.exists():  # written from inside the command, which then runs on for minutes
             process.send_signal(sig)
-        output = process.communicate(timeout=120)[0]
+        output = process.communicate(timeout=HANG)[0]
     finally:
         process.kill()
         process.wait()
@@ -1895,7 +1897,7 @@ def test_waiting_for_other_processes_says_so_and_times_out(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "SGM_DIST_TIMEOUT": "2"}
-    r = run_cli("train.py", *TRAIN_TINY, "--steps", "2", "--out", str(tmp_path / "run"), env=env, timeout=120)
+    r = run_cli("train.py", *TRAIN_TINY, "--steps", "2", "--out", str(tmp_path / "run"), env=env)
     assert f"process 0 of 2: waiting for the others at 127.0.0.1:{port} (up to 2 s" in r.stderr, r.stderr
     assert r.returncode == 1 and "could not join the others" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
@@ -2019,7 +2021,7 @@ def test_a_closed_console_pipe_costs_no_result(tiny_ckpt, tmp_path):
                              "--solver", "heun", "--steps", "2", "--out", str(out)], cwd=HERE, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
     proc.stderr.close()  # as `head` does once it has its line
-    assert proc.wait(timeout=300) == 0 and out.exists()
+    assert proc.wait(timeout=HANG) == 0 and out.exists()
 
 
 def test_time_left_follows_the_speed_shown(tmp_path, monkeypatch, cheap_grids):
@@ -2545,17 +2547,23 @@ def test_train_classifier_logs_held_out_accuracy_resumes_exactly_and_guides(tmp_
     assert r.exit_code == 0 and "classifier guidance by" in r.output and "| 2 | " in r.output, r.output
 
 
-def test_resumed_snapshots_count_the_runs_minutes(tiny_run, tmp_path):
+def test_resumed_snapshots_count_the_runs_minutes(tiny_run, tmp_path, monkeypatch):
     """--snapshot-minutes are the run's minutes in all; --time-limit this process's: a resumed run
     takes snapshots past its own limit when the run's minutes so far make up the difference."""
     import train
-    run = copy_run(tiny_run, tmp_path)
-    ckpt = checkpoint.load(run / "ckpt.pt", use_ema=False)
-    done = ckpt.extra.get("train_seconds", 0.0) / 60
-    r = invoke(train.main, ["--resume", "--out", run, "--steps", 5, "--time-limit", 1, "--snapshot-minutes", f"{done + 1.5:g}"])
-    assert r.exit_code == 1 and f"past the run's {done + 1:g} minutes" in r.output, r.output
-    r = invoke(train.main, ["--resume", "--out", run, "--steps", 5, "--time-limit", 1, "--snapshot-minutes", f"{done + 0.5:g}", "--sample-every", 1000])
+    run, pace = copy_run(tiny_run, tmp_path), [60.0]
+    fake_clock(monkeypatch, lambda step: pace[0])  # seconds per step, on any machine
+    r = invoke(train.main, ["--resume", "--out", run, "--steps", 6, "--sample-every", 1000])  # 2 minutes more
     assert r.exit_code == 0, r.output
+    done = checkpoint.load(run / "ckpt.pt", use_ema=False).extra["train_seconds"] / 60
+    assert done > 2
+    r = invoke(train.main, ["--resume", "--out", run, "--steps", 10, "--time-limit", 1, "--snapshot-minutes", f"{done + 1.5:g}"])
+    assert r.exit_code == 1 and f"past the run's {done + 1:g} minutes" in r.output, r.output
+    pace[0], minutes = 12.0, f"{done + 0.5:g}"  # steps 7-10 end 12, 24, 36, 48 s in: taken after step 9,
+    # where this process's own minutes would never reach it
+    r = invoke(train.main, ["--resume", "--out", run, "--steps", 10, "--time-limit", 1, "--snapshot-minutes", minutes, "--sample-every", 1000])
+    assert r.exit_code == 0, r.output
+    assert checkpoint.load(run / f"snapshot_{minutes}min.pt").step == 9 and checkpoint.load(run / "ckpt.pt").step == 10
 
 
 def test_nothing_is_written_into_the_data_and_odd_folders_are_read(own_data, tmp_path, cheap_grids):
