@@ -1114,14 +1114,18 @@ def test_shipped_checkpoint_loads_and_samples_by_default(tmp_path):
     assert images.shape == (3, 28, 28) and images.dtype == np.uint8 and images.std() > 10  # not a blank image
 
 
-@pytest.mark.parametrize("name", ["fmnist_v1.pt", "fmnist_24ch.pt"])
+@pytest.mark.parametrize("name", ["fmnist_v1.pt", "fmnist_24ch.pt", "fmnist_likelihood.pt"])
 def test_other_committed_models_load_and_sample(name, tmp_path):
-    """The earlier model and the wider candidate: EMA-only fp16 files of at most 20 MB that sample.py runs."""
+    """The earlier model, the wider candidate and the likelihood-weighted twin: EMA-only fp16 files of at
+    most 20 MB that sample.py runs."""
     import sample
     path = os.path.join(os.path.dirname(cli.SHIPPED), name)
     state = torch.load(path, map_location="cpu", weights_only=True)
     assert os.path.getsize(path) <= 20e6 and state["model"] is None and state["optimizer"] is None
     assert {v.dtype for v in state["ema"].values() if v.is_floating_point()} == {torch.float16}
+    if name == "fmnist_likelihood.pt":  # trained as its name says
+        train = state["extra"]["train"]
+        assert train["likelihood_weighting"] and train["noise_sampling"] == "importance"
     r = invoke(sample.main, ["--ckpt", path, "--solver", "heun", "--steps", 3, "--n", 2, "--label", "bag",
                              "--device", "cpu", "--out", str(tmp_path / "s.npz")])
     assert r.exit_code == 0, r.output

@@ -41,6 +41,7 @@ fi
 python evaluate.py bpd --ckpt $CK --n 1000 --batch-size 250
 for s in em reverse_diffusion pc ald ode heun edm dpmpp_2m dpmpp_2m_sde; do  # (no ancestral for sub-VP)
   python sample.py --ckpt $CK --solver $s --n 64 --out assets/solver_$s.png; done
+python sample.py --ckpt checkpoints/fmnist_likelihood.pt --n 64 --out assets/likelihood_dpmpp_2m_sde.png
 python sample.py --ckpt $CK --solver em --steps 500 --n 16 --out assets/trajectory.gif
 python sample.py --ckpt $CK --solver heun --label all --n 80 --guidance 1 --out assets/label_all.png
 python sample.py --ckpt $CK --solver pc --steps 500 --inpaint left --from-test 0 --n 8 --out assets/inpaint_left.png
