@@ -1126,6 +1126,7 @@ def test_other_committed_models_load_and_sample(name, tmp_path):
     if name == "fmnist_likelihood.pt":  # trained as its name says
         train = state["extra"]["train"]
         assert train["likelihood_weighting"] and train["noise_sampling"] == "importance"
+        assert state["step"] == 13126 and train["channels"] == 16  # the shipped recipe's run, not a smoke test
     r = invoke(sample.main, ["--ckpt", path, "--solver", "heun", "--steps", 3, "--n", 2, "--label", "bag",
                              "--device", "cpu", "--out", str(tmp_path / "s.npz")])
     assert r.exit_code == 0, r.output

@@ -13,7 +13,7 @@
 #   python train.py --preset quick --sde subvp --channels 16 --batch-size 64 --ema-decay 0.999 \
 #       --steps 13126 --snapshot-minutes 30,60,90 --out runs/ref > runs/ref.log 2>&1
 # `ship` replaces checkpoints/fmnist.pt with runs/ref's EMA weights (REF=folder for another run);
-# `figures` needs only checkpoints/fmnist.pt.
+# `figures` needs checkpoints/fmnist.pt, and checkpoints/fmnist_likelihood.pt for one grid.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:?"which part: sdes, ship or figures"}
@@ -41,7 +41,8 @@ fi
 python evaluate.py bpd --ckpt $CK --n 1000 --batch-size 250
 for s in em reverse_diffusion pc ald ode heun edm dpmpp_2m dpmpp_2m_sde; do  # (no ancestral for sub-VP)
   python sample.py --ckpt $CK --solver $s --n 64 --out assets/solver_$s.png; done
-python sample.py --ckpt checkpoints/fmnist_likelihood.pt --n 64 --out assets/likelihood_dpmpp_2m_sde.png
+python sample.py --ckpt checkpoints/fmnist_likelihood.pt --solver dpmpp_2m_sde --n 64 \
+  --out assets/likelihood_dpmpp_2m_sde.png  # beside solver_dpmpp_2m_sde.png, on the same noise
 python sample.py --ckpt $CK --solver em --steps 500 --n 16 --out assets/trajectory.gif
 python sample.py --ckpt $CK --solver heun --label all --n 80 --guidance 1 --out assets/label_all.png
 python sample.py --ckpt $CK --solver pc --steps 500 --inpaint left --from-test 0 --n 8 --out assets/inpaint_left.png
